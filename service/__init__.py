@@ -1,0 +1,1 @@
+"""The sidecar and the command line. Nothing here imports torch."""

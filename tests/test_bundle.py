@@ -1,0 +1,175 @@
+"""The bundle round trip and every way a bundle file can be wrong."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from detectors import bundle as bundle_io
+from detectors.bundle import Aggregation, Bundle, Calibration, FeatureSpec, ModelRef
+from detectors.errors import BundleError
+
+MODEL = ModelRef(name="tiny", hidden_size=8, num_layers=4)
+
+
+def make_bundle(k: int = 2, seed: int = 0) -> Bundle:
+    rng = np.random.default_rng(seed)
+    b = bundle_io.empty(MODEL, layer=2)
+    for i in range(k):
+        cal = Calibration(
+            baseline_mean=0.1,
+            baseline_std=1.0,
+            threshold=2.5,
+            fpr=0.01,
+            n_benign=200,
+            source="benign.jsonl",
+        )
+        spec = FeatureSpec(
+            name=f"f{i}",
+            method="probe",
+            source="x.jsonl",
+            aggregation=Aggregation(reduce="max_rolling_mean", window=4),
+            calibration=cal,
+            params={"cv_auroc": 0.9},
+        )
+        b = b.with_feature(spec, rng.normal(size=8), bias=0.5 * i)
+    return b
+
+
+def rewrite(path: Path, tensors: dict[str, np.ndarray] | None = None, **meta: str) -> None:
+    """Write the file again with changed tensors or metadata, as a tamperer would."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        old_meta = dict(fh.metadata())
+    t = load_file(str(path))
+    t.update(tensors or {})
+    old_meta.update(meta)
+    save_file(t, str(path), metadata=old_meta)
+
+
+def test_round_trip_keeps_everything(tmp_path: Path) -> None:
+    b = make_bundle()
+    path = bundle_io.save(b, tmp_path / "b.safetensors")
+    loaded = bundle_io.load(path)
+    assert loaded.spec == b.spec
+    np.testing.assert_array_equal(loaded.directions, b.directions)
+    np.testing.assert_array_equal(loaded.bias, b.bias)
+    assert loaded.content_hash == b.content_hash
+    assert len(loaded.bundle_id) == 12
+
+
+def test_hash_covers_tensors_and_metadata() -> None:
+    b = make_bundle()
+    moved = Bundle(b.spec, b.directions + np.float32(1e-3), b.bias, b.jump_threshold)
+    renamed = b.with_spec(b.spec.model_copy(update={"layer": 3}))
+    assert len({b.content_hash, moved.content_hash, renamed.content_hash}) == 3
+
+
+def test_replacing_a_feature_keeps_the_others(tmp_path: Path) -> None:
+    b = make_bundle()
+    new = FeatureSpec(name="f0", method="diff-means", source="y.jsonl")
+    b2 = b.with_feature(new, np.ones(8))
+    assert b2.feature_names == ["f0", "f1"]
+    assert b2.feature("f0").method == "diff-means"
+    np.testing.assert_array_equal(b2.directions[1], b.directions[1])
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (
+            lambda p: rewrite(p, {"directions": np.zeros((2, 7), np.float32)}),
+            "shape [2, 7], expected [2, 8]",
+        ),
+        (lambda p: rewrite(p, {"bias": np.array([np.nan, 0], np.float32)}), "'bias' holds NaN"),
+        (lambda p: rewrite(p, format_version="99"), "format_version' is '99'"),
+        (lambda p: rewrite(p, format="something-else"), "metadata 'format'"),
+        (lambda p: rewrite(p, content_hash="0" * 64), "content hash mismatch"),
+        (
+            lambda p: rewrite(p, {"directions": np.ones((2, 8), np.float32)}),
+            "content hash mismatch",
+        ),
+        (lambda p: rewrite(p, spec="{not json"), "metadata 'spec'"),
+        (lambda p: p.write_bytes(pickle.dumps({"directions": [1, 2]})), "not a safetensors file"),
+        (lambda p: p.unlink(), "file not found"),
+    ],
+    ids=[
+        "wrong-shape",
+        "nan",
+        "unknown-version",
+        "wrong-format",
+        "tampered-hash",
+        "tampered-tensor",
+        "broken-spec",
+        "pickle",
+        "missing",
+    ],
+)
+def test_bad_bundles_are_refused_with_the_reason(tmp_path: Path, tamper, message: str) -> None:  # type: ignore[no-untyped-def]
+    path = bundle_io.save(make_bundle(), tmp_path / "b.safetensors")
+    tamper(path)
+    with pytest.raises(BundleError) as err:
+        bundle_io.load(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_layer_out_of_range_is_refused(tmp_path: Path) -> None:
+    path = bundle_io.save(make_bundle(), tmp_path / "b.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        spec = json.loads(fh.metadata()["spec"])
+    spec["layer"] = 9
+    b = make_bundle()
+    bad = bundle_io.BundleSpec.model_validate(spec)
+    with pytest.raises(BundleError, match=r"field 'layer' is 9, expected 1..4"):
+        Bundle(bad, b.directions, b.bias, b.jump_threshold).with_spec(bad)
+
+
+def test_missing_tensor_is_named(tmp_path: Path) -> None:
+    path = bundle_io.save(make_bundle(), tmp_path / "b.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        meta = dict(fh.metadata())
+    t = load_file(str(path))
+    del t["jump_threshold"]
+    save_file(t, str(path), metadata=meta)
+    with pytest.raises(BundleError, match=r"missing tensors \['jump_threshold'\]"):
+        bundle_io.load(path)
+
+
+def test_bundle_for_another_model_is_refused() -> None:
+    b = make_bundle()
+    with pytest.raises(BundleError, match=r"hidden size 8\).* hidden size 576"):
+        b.check_model({"name": "SmolLM2", "hidden_size": 576, "num_layers": 30})
+    with pytest.raises(BundleError, match="built for tiny"):
+        b.check_model({"name": "other", "hidden_size": 8, "num_layers": 6})
+    b.check_model({"name": "tiny", "hidden_size": 8, "num_layers": 4})
+
+
+def test_all_zero_direction_and_duplicate_names_are_refused() -> None:
+    b = make_bundle(k=1)
+    with pytest.raises(BundleError, match="all-zero direction"):
+        b.with_feature(FeatureSpec(name="z", method="probe", source="s"), np.zeros(8))
+    dup = b.spec.model_copy(update={"features": b.spec.features * 2})
+    with pytest.raises(BundleError, match="unique"):
+        Bundle(
+            dup, np.ones((2, 8), np.float32), np.zeros(2, np.float32), np.zeros(2, np.float32)
+        ).with_spec(dup)
+
+
+def test_shipped_bundle_loads_and_is_calibrated() -> None:
+    b = bundle_io.load(bundle_io.default_bundle_path())
+    assert {"misaligned_persona", "toxic", "persona_contrast"} <= set(b.feature_names)
+    assert b.spec.model.name == "SmolLM2-135M-Instruct" and b.spec.model.hidden_size == 576
+    for f in b.spec.features:
+        assert f.calibration is not None and f.calibration.fpr == 0.01
+        assert f.calibration.n_benign >= 100

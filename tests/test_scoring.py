@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from detectors.bundle import Aggregation, Calibration, FeatureSpec
+from detectors.calibrate import apply_calibration, calibration_from_scores
+from detectors.evaluate import auroc, bootstrap_auroc_ci, detection, tpr_at_fpr
+from detectors.scoring import rolling_max_mean, score_request, token_scores
+from tests.test_bundle import make_bundle
+
+
+def test_rolling_max_mean_finds_a_local_spike_the_mean_hides() -> None:
+    x = np.zeros(40)
+    x[20:24] = 4.0
+    assert rolling_max_mean(x, 4) == pytest.approx(4.0)
+    assert x.mean() == pytest.approx(0.4)
+    assert rolling_max_mean(np.array([1.0, 3.0]), 8) == pytest.approx(2.0)  # shorter: the mean
+
+
+def test_score_request_uses_each_features_span_and_reduce() -> None:
+    b = make_bundle(k=2)
+    f0 = b.spec.features[0].model_copy(
+        update={"aggregation": Aggregation(span="prompt", reduce="mean")}
+    )
+    b = b.with_spec(b.spec.model_copy(update={"features": (f0, b.spec.features[1])}))
+    roles = np.array([0, 0, 1, 1, 1, 1, 1])
+    ts = np.array([[1, 0], [3, 0], [0, 0], [0, 9], [0, 9], [0, 9], [0, 9]], np.float32)
+    s0, s1 = score_request(b, ts, roles)
+    assert s0.score == pytest.approx(2.0) and s0.prompt_mean == pytest.approx(2.0)
+    assert s1.score == pytest.approx(9.0)  # max of the 4-token rolling mean over the response
+    assert s1.response_mean == pytest.approx(36 / 5)
+    assert s1.flagged and not s0.flagged  # thresholds are 2.5
+    assert s1.z == pytest.approx((9.0 - 0.1) / 1.0)
+
+
+def test_jumprelu_zeroes_scores_below_threshold() -> None:
+    b = make_bundle(k=1)
+    spec = FeatureSpec(name="sae", method="sae", kind="jumprelu", source="s")
+    b = b.with_feature(spec, np.ones(8), bias=0.0, jump=1.0)
+    ts = token_scores(b, np.array([[0.5, 0.5], [2.0, 2.0], [-3.0, 1.5]], np.float32))
+    np.testing.assert_allclose(ts[:, 1], [0.0, 2.0, 1.5])
+    np.testing.assert_allclose(ts[:, 0], [0.5, 2.0, -3.0] + b.bias[0])
+
+
+def test_auroc_matches_sklearn_including_ties() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.normal(size=300) + y, 1)
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y, s))
+    lo, hi = bootstrap_auroc_ci(s, y, n_boot=300)
+    assert lo < auroc(s, y) < hi
+
+
+def test_tpr_at_fpr_and_calibration_threshold_hold_the_false_positive_rate() -> None:
+    rng = np.random.default_rng(1)
+    neg = rng.normal(size=2000)
+    pos = rng.normal(loc=3.0, size=500)
+    cal = calibration_from_scores(neg, 0.01, "synthetic")
+    assert (neg > cal.threshold).mean() <= 0.01
+    assert (neg > cal.threshold).mean() > 0.005
+    tpr = tpr_at_fpr(np.r_[pos, neg], np.r_[np.ones(500), np.zeros(2000)], 0.01)
+    assert tpr == pytest.approx((pos > cal.threshold).mean())
+    d = detection(np.r_[pos, neg], np.r_[np.ones(500), np.zeros(2000)], n_boot=100)
+    assert d.n_pos == 500 and d.n_neg == 2000 and d.auroc > 0.95
+
+
+def test_apply_calibration_replaces_only_named_features() -> None:
+    b = make_bundle(k=2)
+    out = apply_calibration(b, {"f1": np.arange(100.0)}, 0.05, "new.jsonl")
+    assert out.feature("f0").calibration == b.feature("f0").calibration
+    cal = out.feature("f1").calibration
+    assert isinstance(cal, Calibration) and cal.source == "new.jsonl" and cal.n_benign == 100
+    assert cal.threshold == pytest.approx(95.0)
+    assert out.content_hash != b.content_hash
+
+
+def test_layer_sweep_is_grouped_so_memorising_a_question_does_not_help() -> None:
+    """Labels constant within each question: only a grouped split shows there is no signal."""
+    from sklearn.model_selection import KFold
+
+    from detectors.methods import fit_direction, layer_auroc
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(12), 30)
+    centres = rng.normal(scale=3.0, size=(12, 20))
+    x = centres[groups] + rng.normal(size=(360, 20))
+    y = (np.arange(12) % 2 == 0)[groups]
+    grouped = layer_auroc({1: x}, y, groups, fit="probe")[1]
+    leaky = np.empty(360)
+    for tr, te in KFold(5, shuffle=True, random_state=0).split(x):
+        d = fit_direction("probe", x[tr][y[tr]], x[tr][~y[tr]])
+        leaky[te] = x[te] @ d.vector
+    assert auroc(leaky, y) > 0.95
+    assert grouped < 0.8
