@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--benign", type=int, default=400)
     ap.add_argument("--toxic-limit", type=int, default=None)
     ap.add_argument("--layer", default="auto")
+    ap.add_argument(
+        "--persona-tokens", type=int, default=48, help="tokens generated per persona answer"
+    )
     ap.add_argument("--work-dir", type=Path, default=ROOT / ".build")
     args = ap.parse_args(argv)
 
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     bundle_io.save(b, tmp_out)
     reports.append(rep)
-    b, rep = extract("persona", reader, tmp_out, "persona_contrast", None, opts=ExtractOptions())
+    persona_opts = ExtractOptions(persona_new_tokens=args.persona_tokens)
+    b, rep = extract("persona", reader, tmp_out, "persona_contrast", None, opts=persona_opts)
     reports.append(rep)
 
     scored = list(score_records(b, reader, em_benign, max_tokens=256, progress=True))
