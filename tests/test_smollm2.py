@@ -112,45 +112,42 @@ def test_score_matches_the_shipped_bundle_arithmetic(smollm2_dir: Path, tmp_path
         assert line["bundle"] == b.bundle_id
 
 
-def test_rebuild_script_is_deterministic(smollm2_dir: Path, tmp_path: Path) -> None:
-    """Two small rebuilds from scratch give byte-identical bundles (same content hash)."""
-    hashes = []
-    for i in range(2):
-        out = tmp_path / f"b{i}.safetensors"
-        p = subprocess.run(
-            [
-                sys.executable,
-                "scripts/build_bundle.py",
-                "--out",
-                out,
-                "--em-per-class",
-                "16",
-                "--benign",
-                "24",
-                "--toxic-limit",
-                "32",
-                "--layer",
-                "8",
-                "--persona-tokens",
-                "8",
-                "--work-dir",
-                tmp_path / f"w{i}",
-                "--data-dir",
-                SHARED_DATA,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "TQDM_DISABLE": "1",
-                "MISALIGN_MONITOR_CACHE": str(tmp_path / f"c{i}"),
-                "PYTHONPATH": str(ROOT),
-            },
-        )
-        assert p.returncode == 0, p.stderr[-2000:]
-        hashes.append(bundle_io.load(out).content_hash)
-    assert hashes[0] == hashes[1]
-    b = bundle_io.load(tmp_path / "b0.safetensors")
-    assert b.feature_names == ["misaligned_persona", "toxic", "persona_contrast"]
+def test_rebuild_script_reproduces_the_shipped_bundle(smollm2_dir: Path, tmp_path: Path) -> None:
+    """A from-scratch rebuild (no activation cache) gives the shipped bundle back.
+
+    On the machine that built it the content hash is identical; floats are compared with a
+    tolerance so a CPU with other SIMD kernels still passes when the maths agrees.
+    """
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / smollm2_dir.name).symlink_to(smollm2_dir, target_is_directory=True)
+    out = tmp_path / "rebuilt.safetensors"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "scripts/build_bundle.py",
+            "--out",
+            out,
+            "--work-dir",
+            tmp_path / "work",
+            "--data-dir",
+            SHARED_DATA,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=ROOT,
+        env={**os.environ, "MISALIGN_MONITOR_CACHE": str(cache), "PYTHONPATH": str(ROOT)},
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    shipped = bundle_io.load(bundle_io.default_bundle_path())
+    rebuilt = bundle_io.load(out)
+    assert rebuilt.spec.layer == shipped.spec.layer
+    assert rebuilt.feature_names == shipped.feature_names
+    np.testing.assert_allclose(rebuilt.directions, shipped.directions, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(rebuilt.bias, shipped.bias, rtol=1e-3, atol=1e-5)
+    for a, b in zip(rebuilt.spec.features, shipped.spec.features, strict=True):
+        assert a.method == b.method and a.source == b.source
+        assert a.calibration is not None and b.calibration is not None
+        assert a.calibration.threshold == pytest.approx(b.calibration.threshold, rel=1e-3, abs=1e-4)
+    print(f"shipped {shipped.content_hash} rebuilt {rebuilt.content_hash}")
