@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -30,6 +31,58 @@ def demo(model: str | None, bundle_path: str | None) -> None:
     from detectors.demo import run_demo
 
     run_demo(model, bundle_path)
+
+
+@cli.command()
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), help="YAML or TOML settings"
+)
+@click.option("--bundle", type=click.Path(path_type=Path), help="overrides the setting")
+@click.option("--grpc-port", type=int, help="overrides the setting (0: any free port)")
+@click.option("--metrics-port", type=int, help="overrides the setting (0: any free port)")
+@click.option("--unix-socket", type=click.Path(path_type=Path), help="overrides the setting")
+@click.option("--redis-url", help="overrides the setting (unset: an embedded redis-server)")
+@click.option("--ready-file", help="write 'GRPC_PORT METRICS_PORT' here once serving")
+def serve(
+    config_file: Path | None,
+    bundle: Path | None,
+    grpc_port: int | None,
+    metrics_port: int | None,
+    unix_socket: Path | None,
+    redis_url: str | None,
+    ready_file: str | None,
+) -> None:
+    """Run the sidecar: gRPC ingest, scoring, /metrics, flagged samples to Redis."""
+    import asyncio
+
+    from service.server import serve as run
+    from service.settings import load_settings
+
+    settings = load_settings(
+        config_file,
+        bundle=bundle,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        unix_socket=unix_socket,
+        redis_url=redis_url,
+    )
+    asyncio.run(run(settings, ready_file))
+
+
+@cli.group()
+def config() -> None:
+    """Sidecar settings."""
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(path_type=Path))
+def config_check(file: Path) -> None:
+    """Validate FILE (plus MISALIGN_* environment variables) and print the settings, secrets hidden."""
+    import json
+
+    from service.settings import load_settings
+
+    click.echo(json.dumps(load_settings(file).redacted(), indent=2))
 
 
 for command in (model_group, extract, calibrate, score, evaluate):

@@ -1,0 +1,133 @@
+"""Prometheus metrics of the sidecar, on an explicit registry.
+
+Labels are bounded: model, model version, bundle, feature, and fixed reason strings. Never a
+request id or text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from detectors.bundle import Bundle
+
+VERSION = "0.1.0"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def score_buckets(bundle: Bundle) -> tuple[float, ...]:
+    """Buckets spanning the calibrated scores, with every feature's threshold as a bucket edge."""
+    edges = {float(x) for x in np.round(np.linspace(-10, 10, 41), 3)}
+    for f in bundle.spec.features:
+        c = f.calibration
+        if c is not None:
+            edges.add(round(c.threshold, 6))
+            edges.update(round(q, 6) for q in c.quantiles)
+    return tuple(sorted(edges))
+
+
+class Metrics:
+    def __init__(self, bundle: Bundle, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        req = ("model", "model_version", "bundle")
+        feat = (*req, "feature")
+        self.request_score = Histogram(
+            "misalign_request_score",
+            "Request score per feature (the flag's aggregate)",
+            feat,
+            buckets=score_buckets(bundle),
+            registry=r,
+        )
+        self.requests_scored = Counter(
+            "misalign_requests_scored_total", "Requests scored", req, registry=r
+        )
+        self.requests_flagged = Counter(
+            "misalign_requests_flagged_total",
+            "Requests flagged, by feature that passed its threshold",
+            feat,
+            registry=r,
+        )
+        self.tokens_ingested = Counter(
+            "misalign_tokens_ingested_total", "Token rows ingested", ("bundle",), registry=r
+        )
+        self.steps_ingested = Counter(
+            "misalign_steps_ingested_total", "Engine step batches ingested", ("bundle",), registry=r
+        )
+        self.rows_dropped = Counter(
+            "misalign_rows_dropped_total",
+            "Token rows lost before scoring, by where and why",
+            ("side", "reason"),
+            registry=r,
+        )
+        self.steps_dropped = Counter(
+            "misalign_steps_dropped_total",
+            "Engine steps lost before scoring, by where and why",
+            ("side", "reason"),
+            registry=r,
+        )
+        self.ingest_errors = Counter(
+            "misalign_ingest_errors_total",
+            "Malformed messages refused, by the field at fault",
+            ("rpc", "reason"),
+            registry=r,
+        )
+        self.finishes_ignored = Counter(
+            "misalign_finishes_ignored_total",
+            "Finish notices not scored: request never seen (or expired) or already finished",
+            ("reason",),
+            registry=r,
+        )
+        self.requests_expired = Counter(
+            "misalign_requests_expired_total",
+            "Requests dropped unfinished (timeout or capacity)",
+            ("reason",),
+            registry=r,
+        )
+        self.active_requests = Gauge(
+            "misalign_active_requests", "Requests with rows and no finish yet", registry=r
+        )
+        self.scoring_latency = Histogram(
+            "misalign_scoring_latency_seconds",
+            "From a finish arriving to its score being available",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_pushes = Counter(
+            "misalign_queue_pushes_total", "Flagged samples written to the Redis stream", registry=r
+        )
+        self.queue_duplicates = Counter(
+            "misalign_queue_duplicates_total",
+            "Flagged samples not written: request already queued",
+            registry=r,
+        )
+        self.queue_failures = Counter(
+            "misalign_queue_push_failures_total", "Failed attempts to write to Redis", registry=r
+        )
+        self.queue_buffered = Gauge(
+            "misalign_queue_buffered", "Flagged samples waiting in memory for Redis", registry=r
+        )
+        self.queue_dropped = Counter(
+            "misalign_queue_dropped_total",
+            "Flagged samples dropped because the buffer was full",
+            registry=r,
+        )
+        self.build_info = Info("misalign_build", "Sidecar build", registry=r)
+        self.build_info.info({"version": VERSION})
+        self.bundle_info = Info("misalign_bundle", "Loaded direction bundle", registry=r)
+        self.bundle_info.info(
+            {
+                "bundle": bundle.bundle_id,
+                "model": bundle.spec.model.name,
+                "layer": str(bundle.spec.layer),
+                "features": ",".join(bundle.feature_names),
+            }
+        )
+        self.feature_threshold = Gauge(
+            "misalign_feature_threshold",
+            "Calibrated threshold of each feature",
+            ("bundle", "feature"),
+            registry=r,
+        )
+        for f in bundle.spec.features:
+            if f.calibration is not None:
+                self.feature_threshold.labels(bundle.bundle_id, f.name).set(f.calibration.threshold)

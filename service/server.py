@@ -1,0 +1,277 @@
+"""The sidecar process: gRPC (TCP and/or Unix socket, TLS optional), /metrics, the flag queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from detectors import bundle as bundle_io
+from service.embedded_redis import EmbeddedRedis
+from service.flags import FlagQueue
+from service.ingest import BadInput, decode_rows
+from service.metrics import Metrics
+from service.monitor import Monitor, default_tokenizer_path, load_tokenizer
+from service.rpc import monitor_pb2 as pb
+from service.rpc import monitor_pb2_grpc as pb_grpc
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Monitor"].full_name
+
+
+class MonitorServicer(pb_grpc.MonitorServicer):
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, exc: BadInput) -> None:
+        self.monitor.metrics.ingest_errors.labels(rpc, exc.reason).inc()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Ingest(
+        self, request_iterator: AsyncIterator[pb.StepBatch], context: grpc.aio.ServicerContext
+    ) -> pb.IngestSummary:
+        steps = rows = finished = 0
+        async for msg in request_iterator:
+            try:
+                finished += self.monitor.ingest(msg)
+            except BadInput as exc:
+                await self._refuse(
+                    context, "Ingest", BadInput(exc.reason, f"step {msg.step}: {exc}")
+                )
+            steps += 1
+            rows += len(msg.positions)
+        return pb.IngestSummary(steps=steps, rows=rows, finished=finished)
+
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RequestScore:
+        try:
+            rows = decode_rows(
+                self.monitor.bundle,
+                request.bundle_id,
+                request.k,
+                request.projections,
+                request.is_response,
+                request.token_ids,
+            )
+        except BadInput as exc:
+            await self._refuse(context, "Score", exc)
+        if len(rows.roles) == 0:
+            await self._refuse(context, "Score", BadInput("row_count", "no rows to score"))
+        return self.monitor.score_rows(rows, request.model, request.model_version)
+
+    async def GetRequestScore(
+        self, request: pb.GetRequestScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RequestScore:
+        hit = self.monitor.lookup(request.request_id)
+        if hit is None:
+            self.monitor.metrics.ingest_errors.labels("GetRequestScore", "unknown_request").inc()
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"request_id {request.request_id!r}: no finished request with this id "
+                f"(the last {self.monitor.recent_limit} scores are kept)",
+            )
+        assert hit is not None  # abort raises
+        return hit
+
+    async def DescribeBundle(
+        self, request: pb.DescribeBundleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BundleInfo:
+        b = self.monitor.bundle
+        feats = []
+        for f in b.spec.features:
+            c = f.calibration
+            feats.append(
+                pb.FeatureInfo(
+                    name=f.name,
+                    method=f.method,
+                    kind=f.kind,
+                    span=f.aggregation.span,
+                    reduce=f.aggregation.reduce,
+                    window=f.aggregation.window,
+                    threshold=c.threshold if c else float("nan"),
+                    has_threshold=c is not None,
+                )
+            )
+        return pb.BundleInfo(
+            bundle_id=b.bundle_id,
+            content_hash=b.content_hash,
+            model=b.spec.model.name,
+            hidden_size=b.spec.model.hidden_size,
+            num_layers=b.spec.model.num_layers,
+            layer=b.spec.layer,
+            hook=b.spec.hook,
+            format_version=bundle_io.FORMAT_VERSION,
+            features=feats,
+        )
+
+
+@dataclass
+class Sidecar:
+    settings: Settings
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    monitor: Monitor
+    queue: FlagQueue
+    metrics: Metrics
+    tcp_port: int | None
+    metrics_port: int
+    embedded: EmbeddedRedis | None
+    http_server: object
+    _expire_task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING, stop accepting, let streams drain, flush the flag queue."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s)
+        if self._expire_task:
+            self._expire_task.cancel()
+        left = await self.queue.flush(self.settings.shutdown_grace_s)
+        if left:
+            log.warning("%d flagged samples could not reach redis before shutdown", left)
+        await self.queue.close()
+        shutdown = getattr(self.http_server, "shutdown", None)
+        if shutdown:
+            shutdown()
+        if self.embedded:
+            self.embedded.stop()
+        if self.settings.unix_socket:
+            self.settings.unix_socket.unlink(missing_ok=True)
+
+
+def _credentials(s: Settings) -> grpc.ServerCredentials | None:
+    if s.tls_cert is None or s.tls_key is None:
+        return None
+    pair = [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())]
+    if s.tls_client_ca is not None:
+        return grpc.ssl_server_credentials(
+            pair, s.tls_client_ca.read_bytes(), require_client_auth=True
+        )
+    return grpc.ssl_server_credentials(pair)
+
+
+async def start(settings: Settings) -> Sidecar:
+    bundle = bundle_io.load(settings.bundle)
+    metrics = Metrics(bundle)
+    embedded = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.state_dir)
+        url = embedded.start()
+    else:
+        url = settings.redis_url.get_secret_value()
+    client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    queue = FlagQueue(
+        client,
+        metrics,
+        stream=settings.stream,
+        group=settings.group,
+        maxlen=settings.stream_maxlen,
+        buffer_size=settings.buffer_size,
+        dedup_ttl_s=settings.dedup_ttl_s,
+    )
+    await queue.start()
+    tok_path = settings.tokenizer or default_tokenizer_path(bundle)
+    monitor = Monitor(
+        bundle,
+        metrics,
+        queue,
+        max_requests=settings.max_requests,
+        max_tokens=settings.max_tokens_per_request,
+        timeout_s=settings.request_timeout_s,
+        recent_scores=settings.recent_scores,
+        tokenizer=load_tokenizer(tok_path),
+    )
+    opts = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    server = grpc.aio.server(options=opts)
+    pb_grpc.add_MonitorServicer_to_server(MonitorServicer(monitor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    creds = _credentials(settings)
+    tcp_port = None
+    if settings.grpc_port is not None:
+        addr = f"{settings.grpc_host}:{settings.grpc_port}"
+        tcp_port = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
+    if settings.unix_socket is not None:
+        settings.unix_socket.parent.mkdir(parents=True, exist_ok=True)
+        settings.unix_socket.unlink(missing_ok=True)
+        addr = f"unix:{settings.unix_socket}"
+        server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
+    await server.start()
+    if settings.unix_socket is not None:
+        os.chmod(settings.unix_socket, settings.unix_socket_mode)
+    http_server, _thread = start_http_server(
+        settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+    )
+    metrics_port = http_server.server_port
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    sidecar = Sidecar(
+        settings,
+        server,
+        health_servicer,
+        monitor,
+        queue,
+        metrics,
+        tcp_port,
+        metrics_port,
+        embedded,
+        http_server,
+    )
+    sidecar._expire_task = asyncio.create_task(_expire_loop(monitor, settings.request_timeout_s))
+    log.info(
+        "serving bundle %s (%s, layer %d) on %s%s; metrics on http://%s:%d/metrics; flags to %s",
+        bundle.bundle_id,
+        bundle.spec.model.name,
+        bundle.spec.layer,
+        f"{settings.grpc_host}:{tcp_port}" if tcp_port is not None else "",
+        f" unix:{settings.unix_socket}" if settings.unix_socket else "",
+        settings.metrics_host,
+        metrics_port,
+        "embedded redis" if embedded else "redis",
+    )
+    return sidecar
+
+
+async def _expire_loop(monitor: Monitor, timeout_s: float) -> None:
+    period = min(max(timeout_s / 10, 0.05), 10.0)
+    while True:
+        await asyncio.sleep(period)
+        monitor.expire()
+
+
+async def serve(settings: Settings, ready_file: str | None = None) -> None:
+    sidecar = await start(settings)
+    if ready_file:
+        with open(ready_file, "w") as fh:
+            fh.write(f"{sidecar.tcp_port or 0} {sidecar.metrics_port}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    t0 = time.monotonic()
+    log.info("shutting down: NOT_SERVING, draining streams, flushing flagged samples")
+    await sidecar.stop()
+    log.info("stopped in %.2f s", time.monotonic() - t0)

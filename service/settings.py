@@ -1,0 +1,133 @@
+"""Sidecar settings: environment variables (``MISALIGN_*``) over a YAML/TOML file over defaults.
+
+Read once at start and validated; an error names the setting and what was expected.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from detectors.bundle import default_bundle_path
+from detectors.errors import MisalignError
+
+
+class SettingsError(MisalignError):
+    pass
+
+
+def _state_dir() -> Path:
+    import os
+
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "misalign-monitor"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MISALIGN_", extra="forbid", frozen=True)
+
+    bundle: Path = Field(default_factory=default_bundle_path, description="direction bundle")
+    tokenizer: Path | None = Field(
+        default=None,
+        description="tokenizer.json to detokenise flagged samples; default: the prepared "
+        "SmolLM2's when the bundle is for it, else token ids only",
+    )
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int | None = Field(default=50051, ge=0, le=65535, description="0: any free port")
+    unix_socket: Path | None = None
+    unix_socket_mode: int = Field(default=0o660, description="permissions of the Unix socket")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(default=None, description="require client certificates")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    redis_url: SecretStr | None = Field(
+        default=None, description="redis://, rediss:// or unix://; unset: start an embedded redis"
+    )
+    state_dir: Path = Field(default_factory=_state_dir)
+    stream: str = "misalign:flagged"
+    dead_letter_stream: str = "misalign:flagged:dead"
+    group: str = "reviewers"
+    stream_maxlen: int = Field(default=100_000, gt=0)
+    dedup_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    buffer_size: int = Field(
+        default=10_000, gt=0, description="flagged samples held while Redis is away"
+    )
+    request_timeout_s: float = Field(default=600.0, gt=0, description="expire unfinished requests")
+    max_requests: int = Field(default=100_000, gt=0, description="requests tracked at once")
+    max_tokens_per_request: int = Field(default=32_768, gt=0)
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    recent_scores: int = Field(default=10_000, gt=0, description="finished scores kept for lookup")
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.grpc_port is None and self.unix_socket is None:
+            raise ValueError("set grpc_port or unix_socket (or both): the server needs a listener")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        for name in ("bundle", "tls_cert", "tls_key", "tls_client_ca", "tokenizer"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise ValueError(f"{name}: file not found: {p}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first, then values from the file (passed as init kwargs), then defaults.
+        return (env_settings, init_settings)
+
+    def redacted(self) -> dict[str, Any]:
+        out = self.model_dump(mode="json")
+        if self.redis_url is not None:
+            out["redis_url"] = "**********"
+        return out
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(
+            f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    values = read_file(path) if path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        where = f"{path}: " if path else ""
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(
+                f"setting '{loc}' (env MISALIGN_{loc.upper()}): {msg}" if err["loc"] else msg
+            )
+        raise SettingsError(where + "; ".join(problems)) from None

@@ -1,0 +1,108 @@
+"""Real Redis servers and real sidecars for tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.ingest import encode_step
+from service.rpc import monitor_pb2 as pb
+
+
+class RedisServer:
+    """A real redis-server on a Unix socket of the test's own, that the test can stop and restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.socket = directory / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server must be installed (make setup installs it)"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+        self.socket.unlink(missing_ok=True)
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import redis
+
+        return redis.Redis(unix_socket_path=str(self.socket), decode_responses=True)
+
+
+def request_rows(rid: str, proj: np.ndarray, n_prompt: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Rows of one request: positions, token ids, roles (prompt then response), projections."""
+    n = len(proj)
+    rng = np.random.default_rng(seed)
+    roles = (np.arange(n) >= n_prompt).astype(np.int8)
+    return rid, np.arange(n), rng.integers(10, 1000, n), roles, proj.astype(np.float32)
+
+
+def stream_requests(bundle_id: str, k: int, requests, chunk: int = 4):  # type: ignore[no-untyped-def]
+    """Steps as an engine would make them: a prefill chunk, then one decode row per step, with
+    several requests interleaved in each step, each finishing in the step after its last row."""
+    cursors = {r[0]: 0 for r in requests}
+    by_id = {r[0]: r for r in requests}
+    step = 0
+    pending_finish: list[str] = []
+    while cursors or pending_finish:
+        rows = []
+        for rid in list(cursors):
+            _, pos, tok, roles, proj = by_id[rid]
+            c = cursors[rid]
+            m = chunk if c < int((roles == 0).sum()) else 1
+            e = min(c + m, len(pos))
+            rows.append((rid, pos[c:e], tok[c:e], roles[c:e], proj[c:e]))
+            if e >= len(pos):
+                del cursors[rid]
+            else:
+                cursors[rid] = e
+        finished = [
+            pb.FinishedRequest(
+                request_id=rid,
+                client_request_id=f"client-{rid}",
+                model="m",
+                model_version="v1",
+                finish_reason="stop",
+            )
+            for rid in pending_finish
+        ]
+        pending_finish = [r[0] for r in rows if r[0] not in cursors]
+        yield encode_step(bundle_id, k, rows, step=step, sender_id="test", finished=finished)
+        step += 1

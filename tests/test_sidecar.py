@@ -1,0 +1,397 @@
+"""The sidecar over real gRPC on a socket, with a real Redis: scores, metrics, stream, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from detectors import bundle as bundle_io
+from detectors.scoring import score_request, token_scores
+from service.ingest import encode_step
+from service.rpc import monitor_pb2 as pb
+from service.rpc import monitor_pb2_grpc as pb_grpc
+from service.server import Sidecar, start
+from service.settings import Settings
+from tests.sidecar import RedisServer, request_rows, stream_requests
+
+BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
+K = BUNDLE.k
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+async def make_sidecar(tmp_path: Path, redis_url: str, **over: object) -> Sidecar:
+    s = Settings(
+        grpc_port=0,
+        metrics_port=0,
+        redis_url=redis_url,
+        state_dir=tmp_path / "state",
+        unix_socket=tmp_path / "monitor.sock",
+        **over,
+    )  # type: ignore[arg-type]
+    return await start(s)
+
+
+@pytest.fixture
+async def sidecar(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Sidecar]:
+    sc = await make_sidecar(tmp_path, redis_server.url)
+    yield sc
+    await sc.stop()
+
+
+def stub(sc: Sidecar) -> tuple[grpc.aio.Channel, pb_grpc.MonitorStub]:
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{sc.tcp_port}")
+    return ch, pb_grpc.MonitorStub(ch)
+
+
+def metrics_text(sc: Sidecar) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sc.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def sample(text: str, name: str, missing_ok: bool = False, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    found = False
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+                found = True
+    assert found or missing_ok, f"no sample {name} {labels}"
+    return total
+
+
+def synthetic_requests(n: int, seed: int = 0, flag_every: int = 0):  # type: ignore[no-untyped-def]
+    """Requests with random projections; every ``flag_every``-th one is pushed over threshold."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(12, 40))
+        proj = rng.normal(scale=0.3, size=(length, K)) - BUNDLE.bias
+        if flag_every and i % flag_every == 0:
+            proj[:, 0] += 10.0
+        out.append(request_rows(f"req-{seed}-{i}", proj, n_prompt=int(rng.integers(4, 10)), seed=i))
+    return out
+
+
+async def send(stub_: pb_grpc.MonitorStub, batches) -> pb.IngestSummary:  # type: ignore[no-untyped-def]
+    async def gen():  # type: ignore[no-untyped-def]
+        for b in batches:
+            yield b
+
+    return await stub_.Ingest(gen())
+
+
+async def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_streamed_scores_equal_offline_scoring(sidecar: Sidecar) -> None:
+    reqs = synthetic_requests(12, flag_every=4)
+    ch, s = stub(sidecar)
+    summary = await send(s, stream_requests(BUNDLE.bundle_id, K, reqs))
+    assert summary.finished == 12 and summary.rows == sum(len(r[1]) for r in reqs)
+    for rid, _pos, _tok, roles, proj in reqs:
+        got = await s.GetRequestScore(pb.GetRequestScoreRequest(request_id=rid))
+        want = score_request(BUNDLE, token_scores(BUNDLE, proj), roles)
+        assert got.tokens == len(roles) and got.bundle_id == BUNDLE.bundle_id
+        for g, w in zip(got.features, want, strict=True):
+            assert g.name == w.name
+            assert g.score == pytest.approx(w.score, rel=1e-5, abs=1e-6)
+            assert g.flagged == w.flagged
+        by_client = await s.GetRequestScore(pb.GetRequestScoreRequest(request_id=f"client-{rid}"))
+        assert by_client.request_id == rid
+    assert (
+        sum(
+            r.flagged
+            for r in [
+                await s.GetRequestScore(pb.GetRequestScoreRequest(request_id=q[0])) for q in reqs
+            ]
+        )
+        >= 3
+    )
+    await ch.close()
+
+
+async def test_unary_score_and_describe_bundle(sidecar: Sidecar) -> None:
+    ch, s = stub(sidecar)
+    _, _, tok, roles, proj = synthetic_requests(1, seed=3)[0]
+    got = await s.Score(
+        pb.ScoreRequest(
+            bundle_id=BUNDLE.bundle_id,
+            k=K,
+            projections=proj.tobytes(),
+            is_response=roles.tobytes(),
+            token_ids=tok.tolist(),
+        )
+    )
+    want = score_request(BUNDLE, token_scores(BUNDLE, proj), roles)
+    assert [f.score for f in got.features] == pytest.approx([w.score for w in want], rel=1e-5)
+    info = await s.DescribeBundle(pb.DescribeBundleRequest())
+    assert info.bundle_id == BUNDLE.bundle_id and info.layer == BUNDLE.spec.layer
+    assert [f.name for f in info.features] == BUNDLE.feature_names
+    assert all(f.has_threshold for f in info.features)
+    await ch.close()
+
+
+async def test_metrics_and_flagged_samples_in_the_stream(
+    sidecar: Sidecar, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    reqs = synthetic_requests(8, seed=1, flag_every=2)
+    ch, s = stub(sidecar)
+    await send(s, stream_requests(BUNDLE.bundle_id, K, reqs))
+    r = redis_server.client()
+    await wait_for(lambda: r.xlen("misalign:flagged") >= 4)
+    entries = r.xrange("misalign:flagged")
+    flagged_ids = {e[1]["request_id"] for e in entries}
+    assert {f"req-1-{i}" for i in (0, 2, 4, 6)} <= flagged_ids
+    fields = entries[0][1]
+    assert (
+        fields["bundle"] == BUNDLE.bundle_id
+        and fields["model"] == "m"
+        and fields["model_version"] == "v1"
+    )
+    feats = json.loads(fields["features"])
+    assert {f["name"] for f in feats} == set(BUNDLE.feature_names)
+    assert all("threshold" in f and "score" in f for f in feats)
+    tokens = json.loads(fields["tokens"])
+    assert len(tokens["token_ids"]) == len(tokens["scores"]["misaligned_persona"])
+    assert r.xinfo_groups("misalign:flagged")[0]["name"] == "reviewers"
+
+    # A request replayed to this sidecar is refused as already finished; replayed to a restarted
+    # sidecar (same Redis) it is scored again but not queued twice.
+    await send(s, stream_requests(BUNDLE.bundle_id, K, reqs[:1]))
+    assert sample(metrics_text(sidecar), "misalign_finishes_ignored_total", reason="duplicate") == 1
+    other = await make_sidecar(tmp_path / "second", redis_server.url)
+    try:
+        ch2, s2 = stub(other)
+        await send(s2, stream_requests(BUNDLE.bundle_id, K, reqs[:1]))
+        await wait_for(
+            lambda: sample(metrics_text(other), "misalign_queue_duplicates_total", True) == 1
+        )
+        await ch2.close()
+    finally:
+        await other.stop()
+    assert r.xlen("misalign:flagged") == len(entries)
+
+    text = metrics_text(sidecar)
+    lab = {"model": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
+    assert sample(text, "misalign_requests_scored_total", **lab) == 8
+    assert sample(text, "misalign_requests_flagged_total", feature="misaligned_persona", **lab) >= 4
+    assert sample(text, "misalign_tokens_ingested_total") == sum(len(q[1]) for q in reqs) + len(
+        reqs[0][1]
+    )
+    assert sample(text, "misalign_queue_pushes_total") == len(entries)
+    thr = BUNDLE.feature("misaligned_persona").calibration.threshold  # type: ignore[union-attr]
+    assert f'le="{round(thr, 6)}"' in text or f'le="{thr}"' in text
+    assert "req-1-" not in text and "client-" not in text  # no request ids in labels
+    assert sample(text, "misalign_request_score_count", feature="toxic", **lab) == 8
+    assert sample(
+        text, "misalign_rows_dropped_total", side="sidecar", reason="after_finish"
+    ) == len(reqs[0][1])
+    await ch.close()
+
+
+async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path / "r").start()
+    sc = await make_sidecar(tmp_path, redis_server.url, buffer_size=5)
+    try:
+        ch, s = stub(sc)
+        await send(
+            s, stream_requests(BUNDLE.bundle_id, K, synthetic_requests(2, seed=5, flag_every=1))
+        )
+        await wait_for(lambda: redis_server.client().xlen("misalign:flagged") == 2)
+        redis_server.stop()
+        batches = list(
+            stream_requests(BUNDLE.bundle_id, K, synthetic_requests(8, seed=6, flag_every=1))
+        )
+        finish_order = [f.request_id for b in batches for f in b.finished]
+        await send(s, batches)
+        text = metrics_text(sc)
+        assert sample(text, "misalign_queue_dropped_total") == 3  # 8 flagged, room for 5
+        assert sample(text, "misalign_queue_buffered") == 5
+        redis_server.start()  # empty: it keeps nothing on disk
+        await wait_for(lambda: sample(metrics_text(sc), "misalign_queue_buffered") == 0, timeout=20)
+        r = redis_server.client()
+        ids = [e[1]["request_id"] for e in r.xrange("misalign:flagged")]
+        assert ids == finish_order[3:]  # the newest five, once each, in order
+        assert sample(metrics_text(sc), "misalign_queue_push_failures_total") >= 1
+        assert r.xinfo_groups("misalign:flagged")[0]["name"] == "reviewers"
+        await ch.close()
+    finally:
+        await sc.stop()
+        redis_server.stop()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason", "needle"),
+    [
+        (lambda m: setattr(m, "k", K + 1), "wrong_width", "k is 4"),
+        (lambda m: setattr(m, "projections", m.projections[:-4]), "wrong_width", "projections has"),
+        (lambda m: m.row_offsets.__setitem__(-1, 999), "row_count", "row_offsets"),
+        (lambda m: m.token_ids.append(5), "row_count", "token_ids has"),
+        (
+            lambda m: setattr(
+                m, "projections", np.full(len(m.positions) * K, np.nan, np.float32).tobytes()
+            ),
+            "non_finite",
+            "NaN",
+        ),
+        (
+            lambda m: setattr(
+                m, "projections", np.full(len(m.positions) * K, np.inf, np.float32).tobytes()
+            ),
+            "non_finite",
+            "infinite",
+        ),
+        (lambda m: setattr(m, "bundle_id", "deadbeef0000"), "unknown_bundle", "deadbeef0000"),
+        (
+            lambda m: setattr(m, "is_response", b"\x07" * len(m.positions)),
+            "bad_role",
+            "is_response",
+        ),
+        (lambda m: m.request_ids.append("extra"), "row_count", "row_offsets has"),
+    ],
+    ids=["k", "bytes", "offsets", "token-count", "nan", "inf", "bundle", "role", "ids"],
+)
+async def test_bad_batches_get_invalid_argument_and_the_server_keeps_serving(
+    sidecar: Sidecar,
+    mutate,
+    reason: str,
+    needle: str,  # type: ignore[no-untyped-def]
+) -> None:
+    good = list(stream_requests(BUNDLE.bundle_id, K, synthetic_requests(2, seed=9)))
+    bad = pb.StepBatch()
+    bad.CopyFrom(good[0])
+    mutate(bad)
+    ch, s = stub(sidecar)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await send(s, [bad])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details()
+    assert sample(metrics_text(sidecar), "misalign_ingest_errors_total", reason=reason) == 1
+    assert len(sidecar.monitor.store) == 0  # nothing of the bad batch was applied
+    summary = await send(s, good)  # another stream on the same server
+    assert summary.finished == 2
+    await ch.close()
+
+
+async def test_unknown_and_duplicate_finishes_are_counted_not_fatal(sidecar: Sidecar) -> None:
+    ch, s = stub(sidecar)
+    fin = [pb.FinishedRequest(request_id="never-seen", model="m", model_version="v1")]
+    batches = list(stream_requests(BUNDLE.bundle_id, K, synthetic_requests(1, seed=2)))
+    dup = encode_step(BUNDLE.bundle_id, K, [], finished=list(batches[-1].finished))
+    summary = await send(s, [encode_step(BUNDLE.bundle_id, K, [], finished=fin), *batches, dup])
+    assert summary.steps == len(batches) + 2
+    text = metrics_text(sidecar)
+    assert sample(text, "misalign_finishes_ignored_total", reason="unknown") == 1
+    assert sample(text, "misalign_finishes_ignored_total", reason="duplicate") == 1
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.GetRequestScore(pb.GetRequestScoreRequest(request_id="never-seen"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "never-seen" in err.value.details()
+    await ch.close()
+
+
+async def test_oversized_message_and_bad_unary_input(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    sc = await make_sidecar(tmp_path, redis_server.url, max_message_bytes=4096)
+    try:
+        ch, s = stub(sc)
+        proj = np.zeros((2000, K), np.float32)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await send(s, [encode_step(BUNDLE.bundle_id, K, [request_rows("big", proj, 10)])])
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.Score(
+                pb.ScoreRequest(
+                    k=K + 2, projections=b"\0" * 4 * (K + 2), is_response=b"\1", token_ids=[1]
+                )
+            )
+        assert (
+            err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "k is" in err.value.details()
+        )
+        info = await s.DescribeBundle(pb.DescribeBundleRequest())  # still up
+        assert info.bundle_id == BUNDLE.bundle_id
+        await ch.close()
+    finally:
+        await sc.stop()
+
+
+async def test_unfinished_requests_expire_and_are_counted(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    sc = await make_sidecar(tmp_path, redis_server.url, request_timeout_s=0.2)
+    try:
+        ch, s = stub(sc)
+        rows = [request_rows(f"stuck-{i}", np.zeros((5, K)), 2) for i in range(3)]
+        await send(s, [encode_step(BUNDLE.bundle_id, K, rows)])
+        await wait_for(
+            lambda: sample(metrics_text(sc), "misalign_requests_expired_total", True) == 3,
+            timeout=5,
+        )
+        assert sample(metrics_text(sc), "misalign_active_requests") == 0
+        await ch.close()
+    finally:
+        await sc.stop()
+
+
+async def test_inference_side_drop_counters_become_increments(sidecar: Sidecar) -> None:
+    ch, s = stub(sidecar)
+    steps = [
+        encode_step(BUNDLE.bundle_id, K, [], sender_id="tap-a", rows_dropped={"queue_full": 10}),
+        encode_step(
+            BUNDLE.bundle_id,
+            K,
+            [],
+            sender_id="tap-a",
+            rows_dropped={"queue_full": 25},
+            steps_dropped={"queue_full": 2},
+        ),
+        encode_step(BUNDLE.bundle_id, K, [], sender_id="tap-b", rows_dropped={"queue_full": 4}),
+    ]
+    await send(s, steps)
+    text = metrics_text(sidecar)
+    assert sample(text, "misalign_rows_dropped_total", side="inference", reason="queue_full") == 29
+    assert sample(text, "misalign_steps_dropped_total", side="inference", reason="queue_full") == 2
+    await ch.close()
+
+
+async def test_health_reflection_and_unix_socket(sidecar: Sidecar) -> None:
+    sock = sidecar.settings.unix_socket
+    assert sock is not None and (sock.stat().st_mode & 0o777) == 0o660
+    async with grpc.aio.insecure_channel(f"unix:{sock}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service="misalign.v1.Monitor"))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        info = await pb_grpc.MonitorStub(ch).DescribeBundle(pb.DescribeBundleRequest())
+        assert info.bundle_id == BUNDLE.bundle_id
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+        async def ask():  # type: ignore[no-untyped-def]
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        async for r in refl.ServerReflectionInfo(ask()):
+            names = {sv.name for sv in r.list_services_response.service}
+            assert "misalign.v1.Monitor" in names and "grpc.health.v1.Health" in names
