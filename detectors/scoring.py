@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detectors.bundle import Aggregation, Bundle
+from detectors.bundle import Bundle
 
 PROMPT, RESPONSE = 0, 1
 
@@ -32,26 +32,21 @@ def token_scores(bundle: Bundle, projections: np.ndarray) -> np.ndarray:
     return pre
 
 
+def rolling_max_means(x: np.ndarray, window: int) -> np.ndarray:
+    """Per column of ``x [t, k]``: the max over means of ``window`` consecutive rows (the plain
+    mean when there are fewer rows; NaN when there are none)."""
+    t = len(x)
+    if t == 0:
+        return np.full(x.shape[1], np.nan)
+    if t <= window:
+        return x.mean(axis=0, dtype=np.float64)
+    c = np.zeros((t + 1, x.shape[1]))
+    np.cumsum(x, axis=0, dtype=np.float64, out=c[1:])
+    return (c[window:] - c[:-window]).max(axis=0) / window
+
+
 def rolling_max_mean(x: np.ndarray, window: int) -> float:
-    """Max over the means of ``window`` consecutive values; the plain mean when shorter."""
-    if len(x) == 0:
-        return float("nan")
-    if len(x) <= window:
-        return float(x.mean())
-    c = np.concatenate([[0.0], np.cumsum(x, dtype=np.float64)])
-    return float(((c[window:] - c[:-window]) / window).max())
-
-
-def reduce(x: np.ndarray, agg: Aggregation) -> float:
-    if agg.reduce == "mean":
-        return float(x.mean()) if len(x) else float("nan")
-    return rolling_max_mean(x, agg.window)
-
-
-def select_span(roles: np.ndarray, span: str) -> np.ndarray:
-    if span == "all":
-        return np.ones(len(roles), bool)
-    return roles == (PROMPT if span == "prompt" else RESPONSE)
+    return float(rolling_max_means(np.asarray(x).reshape(-1, 1), window)[0])
 
 
 @dataclass(frozen=True)
@@ -76,28 +71,52 @@ def _jsonable(v: object) -> object:
 
 
 def score_request(bundle: Bundle, scores: np.ndarray, roles: np.ndarray) -> list[FeatureScore]:
-    """One ``FeatureScore`` per feature from token scores ``[t, k]`` and roles ``[t]``."""
-    out = []
+    """One ``FeatureScore`` per feature from token scores ``[t, k]`` and roles ``[t]``.
+
+    Vectorised over features: each span's mean and each (span, window) rolling max is computed
+    once for all k columns.
+    """
     roles = np.asarray(roles)
+    scores = np.asarray(scores)
+    spans = {
+        "prompt": scores[roles == PROMPT],
+        "response": scores[roles == RESPONSE],
+        "all": scores,
+    }
+    means: dict[str, np.ndarray] = {}
+    rolls: dict[tuple[str, int], np.ndarray] = {}
+
+    def mean(span: str) -> np.ndarray:
+        if span not in means:
+            x = spans[span]
+            means[span] = (
+                x.mean(axis=0, dtype=np.float64) if len(x) else np.full(len(bundle.bias), np.nan)
+            )
+        return means[span]
+
+    def roll(span: str, window: int) -> np.ndarray:
+        if (span, window) not in rolls:
+            rolls[span, window] = rolling_max_means(spans[span], window)
+        return rolls[span, window]
+
+    prompt_mean, response_mean = mean("prompt"), mean("response")
+    out = []
     for i, f in enumerate(bundle.spec.features):
-        col = scores[:, i]
         agg = f.aggregation
-        s = reduce(col[select_span(roles, agg.span)], agg)
-        prompt = col[roles == PROMPT]
-        resp = col[roles == RESPONSE]
+        s = float((mean(agg.span) if agg.reduce == "mean" else roll(agg.span, agg.window))[i])
         cal = f.calibration
         thr = cal.threshold if cal else None
-        z = (s - cal.baseline_mean) / cal.baseline_std if cal and np.isfinite(s) else None
+        finite = s == s  # not NaN
         out.append(
             FeatureScore(
                 name=f.name,
                 score=s,
-                prompt_mean=float(prompt.mean()) if len(prompt) else float("nan"),
-                response_mean=float(resp.mean()) if len(resp) else float("nan"),
-                response_max_rolling=rolling_max_mean(resp, agg.window),
+                prompt_mean=float(prompt_mean[i]),
+                response_mean=float(response_mean[i]),
+                response_max_rolling=float(roll("response", agg.window)[i]),
                 threshold=thr,
-                z=z,
-                flagged=bool(thr is not None and np.isfinite(s) and s > thr),
+                z=(s - cal.baseline_mean) / cal.baseline_std if cal and finite else None,
+                flagged=bool(thr is not None and finite and s > thr),
             )
         )
     return out

@@ -27,10 +27,18 @@ class BadInput(Exception):
 class Rows:
     request_ids: list[str]
     offsets: np.ndarray  # [r + 1]
-    positions: np.ndarray  # [n] int64
-    token_ids: np.ndarray  # [n] int64
-    roles: np.ndarray  # [n] int8
+    meta: np.ndarray  # [n, 3] int64: position, token id, role (0 prompt, 1 response)
     projections: np.ndarray  # [n, k] float32
+
+    @property
+    def roles(self) -> np.ndarray:
+        return self.meta[:, 2]
+
+
+def _u32(data: bytes, field: str) -> np.ndarray:
+    if len(data) % 4:
+        raise BadInput("row_count", f"{field} has {len(data)} bytes, not a whole number of uint32")
+    return np.frombuffer(data, dtype="<u4").astype(np.int64)
 
 
 def decode_rows(
@@ -39,8 +47,8 @@ def decode_rows(
     k: int,
     projections: bytes,
     is_response: bytes,
-    token_ids: list[int] | np.ndarray,
-    positions: list[int] | np.ndarray | None = None,
+    token_ids: bytes,
+    positions: bytes | None = None,
     request_ids: list[str] | None = None,
     offsets: list[int] | np.ndarray | None = None,
 ) -> Rows:
@@ -52,10 +60,10 @@ def decode_rows(
     if k != bundle.k:
         raise BadInput("wrong_width", f"k is {k}, the loaded bundle has {bundle.k} features")
     n = len(is_response)
-    tok = np.asarray(token_ids, dtype=np.int64)
+    tok = _u32(token_ids, "token_ids")
     if len(tok) != n:
         raise BadInput("row_count", f"token_ids has {len(tok)} rows, is_response has {n}")
-    pos = np.arange(n, dtype=np.int64) if positions is None else np.asarray(positions, np.int64)
+    pos = np.arange(n, dtype=np.int64) if positions is None else _u32(positions, "positions")
     if len(pos) != n:
         raise BadInput("row_count", f"positions has {len(pos)} rows, is_response has {n}")
     if len(projections) != n * k * 4:
@@ -77,14 +85,14 @@ def decode_rows(
             "row_count",
             f"row_offsets has {len(off)} entries, expected len(request_ids) + 1 = {len(ids) + 1}",
         )
-    if len(off) and (off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 0)):
+    if off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 0):
         raise BadInput(
             "row_count",
-            f"row_offsets must rise from 0 to the row count {n}, got {off[:1].tolist()}..{off[-1:].tolist()}",
+            f"row_offsets must rise from 0 to the row count {n}, got {off[0]}..{off[-1]}",
         )
-    if request_ids is not None and (len(set(ids)) != len(ids) or any(not r for r in ids)):
+    if request_ids is not None and (len(set(ids)) != len(ids) or not all(ids)):
         raise BadInput("bad_request_id", "request_ids must be non-empty and unique within a step")
-    return Rows(ids, off, pos, tok, roles, proj)
+    return Rows(ids, off, np.stack([pos, tok, roles.astype(np.int64)], axis=1), proj)
 
 
 def decode_batch(bundle: Bundle, msg: pb.StepBatch) -> Rows:
@@ -103,48 +111,42 @@ def decode_batch(bundle: Bundle, msg: pb.StepBatch) -> Rows:
 
 @dataclass
 class RequestState:
-    """Rows of one request, in growable buffers so a step costs one copy, not a new array."""
+    """Rows of one request in growable buffers, so a step costs two copies, not new arrays."""
 
     k: int
     n: int = 0
-    first_seen: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
-    positions: np.ndarray = field(default_factory=lambda: np.empty(16, np.int64))
-    token_ids: np.ndarray = field(default_factory=lambda: np.empty(16, np.int64))
-    roles: np.ndarray = field(default_factory=lambda: np.empty(16, np.int8))
+    meta: np.ndarray = field(
+        default_factory=lambda: np.empty((16, 3), np.int64)
+    )  # pos, token, role
     proj: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.proj = np.empty((16, self.k), np.float32)
 
     def append(self, rows: Rows, s: int, e: int, now: float) -> None:
-        m = e - s
-        need = self.n + m
-        if need > len(self.positions):
-            cap = max(need, 2 * len(self.positions))
-            for name in ("positions", "token_ids", "roles", "proj"):
-                old = getattr(self, name)
-                new = np.empty((cap, *old.shape[1:]), old.dtype)
-                new[: self.n] = old[: self.n]
-                setattr(self, name, new)
-        sl = slice(self.n, need)
-        self.positions[sl] = rows.positions[s:e]
-        self.token_ids[sl] = rows.token_ids[s:e]
-        self.roles[sl] = rows.roles[s:e]
-        self.proj[sl] = rows.projections[s:e]
+        need = self.n + e - s
+        if need > len(self.meta):
+            cap = max(need, 2 * len(self.meta))
+            meta, proj = np.empty((cap, 3), np.int64), np.empty((cap, self.k), np.float32)
+            meta[: self.n], proj[: self.n] = self.meta[: self.n], self.proj[: self.n]
+            self.meta, self.proj = meta, proj
+        self.meta[self.n : need] = rows.meta[s:e]
+        self.proj[self.n : need] = rows.projections[s:e]
         self.n = need
         self.last_seen = now
 
     def ordered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows sorted by position; a position seen twice (recomputed after preemption) keeps
-        its last write."""
-        pos = self.positions[: self.n]
-        idx: np.ndarray | slice = slice(None)
+        """Token ids, roles and projections by position; a position seen twice (recomputed after
+        preemption) keeps its last write."""
+        meta, proj = self.meta[: self.n], self.proj[: self.n]
+        pos = meta[:, 0]
         if self.n > 1 and np.any(np.diff(pos) <= 0):
-            # last occurrence of each position: unique on the reversed array
+            # the last occurrence of each position: unique on the reversed array
             _, first_in_rev = np.unique(pos[::-1], return_index=True)
             idx = self.n - 1 - first_in_rev
-        return self.token_ids[: self.n][idx], self.roles[: self.n][idx], self.proj[: self.n][idx]
+            meta, proj = meta[idx], proj[idx]
+        return meta[:, 1], meta[:, 2].astype(np.int8), proj
 
 
 class RequestStore:
@@ -235,8 +237,8 @@ def encode_step(
         step=step,
         request_ids=[r[0] for r in requests],
         row_offsets=offsets,
-        positions=cat(1, np.uint32).tolist(),
-        token_ids=cat(2, np.uint32).tolist(),
+        positions=cat(1, "<u4").tobytes(),
+        token_ids=cat(2, "<u4").tobytes(),
         is_response=cat(3, np.int8).tobytes(),
         k=k,
         projections=np.ascontiguousarray(cat(4, "<f4")).tobytes(),

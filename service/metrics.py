@@ -6,8 +6,13 @@ request id or text.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from detectors.bundle import Bundle
 
@@ -26,18 +31,66 @@ def score_buckets(bundle: Bundle) -> tuple[float, ...]:
     return tuple(sorted(edges))
 
 
+class ScoreHistograms(Collector):
+    """``misalign_request_score`` for all k features at once: one numpy update per request, the
+    Prometheus families built at scrape time. Per-feature client histograms cost k locked updates
+    per request, which dominated scoring."""
+
+    def __init__(self, features: list[str], bundle_id: str, buckets: tuple[float, ...]) -> None:
+        self.features = features
+        self.bundle_id = bundle_id
+        self.edges = np.asarray(buckets, np.float64)
+        self._series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def observe(self, model: str, version: str, scores: np.ndarray) -> None:
+        """``scores [k]``; NaN (no tokens in the span) is not observed."""
+        series = self._series.get((model, version))
+        if series is None:
+            k = len(self.features)
+            series = self._series[model, version] = (
+                np.zeros((k, len(self.edges) + 1), np.int64),
+                np.zeros(k, np.float64),
+            )
+        counts, sums = series
+        ok = ~np.isnan(scores)
+        rows = np.nonzero(ok)[0]
+        counts[rows, np.searchsorted(self.edges, scores[ok], side="left")] += 1
+        sums[ok] += scores[ok]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(
+            "misalign_request_score",
+            "Request score per feature (the flag's aggregate)",
+            labels=["model", "model_version", "bundle", "feature"],
+        )
+        for (model, version), (counts, sums) in list(self._series.items()):
+            cum = np.cumsum(counts, axis=1)
+            for i, name in enumerate(self.features):
+                buckets = [(_le(e), float(c)) for e, c in zip(self.edges, cum[i, :-1], strict=True)]
+                buckets.append(("+Inf", float(cum[i, -1])))
+                labels = [model, version, self.bundle_id, name]
+                fam.add_metric(labels, buckets, None)
+                # add_metric leaves out _count and _sum when buckets go below zero (an OpenMetrics
+                # rule); the Prometheus text format has them, and rate(sum)/rate(count) needs them.
+                named = dict(zip(fam._labelnames, labels, strict=True))
+                fam.samples.append(Sample(fam.name + "_count", named, float(cum[i, -1])))
+                fam.samples.append(Sample(fam.name + "_sum", named, float(sums[i])))
+        yield fam
+
+
+def _le(edge: float) -> str:
+    return repr(float(edge))
+
+
 class Metrics:
     def __init__(self, bundle: Bundle, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         req = ("model", "model_version", "bundle")
         feat = (*req, "feature")
-        self.request_score = Histogram(
-            "misalign_request_score",
-            "Request score per feature (the flag's aggregate)",
-            feat,
-            buckets=score_buckets(bundle),
-            registry=r,
+        self.request_score = ScoreHistograms(
+            bundle.feature_names, bundle.bundle_id, score_buckets(bundle)
         )
+        r.register(self.request_score)
         self.requests_scored = Counter(
             "misalign_requests_scored_total", "Requests scored", req, registry=r
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,34 @@ def feature_proto(f: FeatureScore) -> pb.FeatureScore:
     )
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """A finished request's score, kept cheaply; the proto is built only when asked for."""
+
+    request_id: str
+    client_request_id: str
+    model: str
+    model_version: str
+    flagged: bool
+    tokens: int
+    features: list[FeatureScore]
+    finished_at: float
+
+    def proto(self, bundle_id: str) -> pb.RequestScore:
+        return pb.RequestScore(
+            request_id=self.request_id,
+            client_request_id=self.client_request_id,
+            bundle_id=bundle_id,
+            model=self.model,
+            model_version=self.model_version,
+            flagged=self.flagged,
+            tokens=self.tokens,
+            features=[feature_proto(f) for f in self.features],
+            finished_at=self.finished_at,
+            scored_at=self.finished_at,
+        )
+
+
 class Monitor:
     def __init__(
         self,
@@ -75,10 +104,11 @@ class Monitor:
         self.queue = queue
         self.tokenizer = tokenizer
         self.store = RequestStore(bundle.k, max_requests, max_tokens, timeout_s)
-        self.recent: OrderedDict[str, pb.RequestScore] = OrderedDict()
+        self.recent: OrderedDict[str, _Scored] = OrderedDict()
         self.client_ids: OrderedDict[str, str] = OrderedDict()
         self.recent_limit = recent_scores
         self._sender_drops: dict[tuple[str, str, str], int] = {}
+        self._labeled: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
         self._tokens = metrics.tokens_ingested.labels(self.bundle_id)
         self._steps = metrics.steps_ingested.labels(self.bundle_id)
 
@@ -94,7 +124,7 @@ class Monitor:
         dropped = self.store.add(rows, now)
         for reason, n in dropped.items():
             self.metrics.rows_dropped.labels("sidecar", reason).inc(n)
-        self._tokens.inc(len(rows.positions))
+        self._tokens.inc(len(rows.meta))
         self._steps.inc()
         self._count_sender_drops(msg)
         for fr in msg.finished:
@@ -125,7 +155,7 @@ class Monitor:
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def finish(self, fr: pb.FinishedRequest, arrived: float) -> pb.RequestScore | None:
+    def finish(self, fr: pb.FinishedRequest, arrived: float) -> _Scored | None:
         state = self.store.finish(fr.request_id)
         if isinstance(state, str) or state is None:
             self.metrics.finishes_ignored.labels(state or "unknown").inc()
@@ -160,37 +190,36 @@ class Monitor:
         token_ids: np.ndarray,
         roles: np.ndarray,
         proj: np.ndarray,
-    ) -> pb.RequestScore:
+    ) -> _Scored:
         ts = token_scores(self.bundle, proj)
         feats = score_request(self.bundle, ts, roles)
         flagged = any(f.flagged for f in feats)
         now = time.time()
-        result = pb.RequestScore(
-            request_id=rid,
-            client_request_id=client_id,
-            bundle_id=self.bundle_id,
-            model=model,
-            model_version=version,
-            flagged=flagged,
-            tokens=len(roles),
-            features=[feature_proto(f) for f in feats],
-            finished_at=now,
-            scored_at=now,
-        )
-        m = self.metrics
-        labels = (model, version, self.bundle_id)
-        m.requests_scored.labels(*labels).inc()
-        for f in feats:
-            if np.isfinite(f.score):
-                m.request_score.labels(*labels, f.name).observe(f.score)
+        scored, flags = self._children(model, version)
+        scored.inc()
+        self.metrics.request_score.observe(model, version, np.array([f.score for f in feats]))
+        for f, flag in zip(feats, flags, strict=True):
             if f.flagged:
-                m.requests_flagged.labels(*labels, f.name).inc()
+                flag.inc()
+        result = _Scored(rid, client_id, model, version, flagged, len(roles), feats, now)
         self._remember(result)
         if flagged and self.queue is not None:
             self.queue.put(self._sample(result, feats, token_ids, roles, ts), rid)
         return result
 
-    def _remember(self, result: pb.RequestScore) -> None:
+    def _children(self, model: str, version: str) -> tuple[Any, list[Any]]:
+        """Labeled metric children for one (model, version), looked up once, not per request."""
+        key = (model, version)
+        hit = self._labeled.get(key)
+        if hit is None:
+            m, labels = self.metrics, (model, version, self.bundle_id)
+            hit = self._labeled[key] = (
+                m.requests_scored.labels(*labels),
+                [m.requests_flagged.labels(*labels, n) for n in self.bundle.feature_names],
+            )
+        return hit
+
+    def _remember(self, result: _Scored) -> None:
         self.recent[result.request_id] = result
         if result.client_request_id:
             self.client_ids[result.client_request_id] = result.request_id
@@ -203,11 +232,11 @@ class Monitor:
         hit = self.recent.get(request_id)
         if hit is None and request_id in self.client_ids:
             hit = self.recent.get(self.client_ids[request_id])
-        return hit
+        return hit.proto(self.bundle_id) if hit is not None else None
 
     def _sample(
         self,
-        result: pb.RequestScore,
+        result: _Scored,
         feats: list[FeatureScore],
         token_ids: np.ndarray,
         roles: np.ndarray,

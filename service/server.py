@@ -50,7 +50,7 @@ class MonitorServicer(pb_grpc.MonitorServicer):
                     context, "Ingest", BadInput(exc.reason, f"step {msg.step}: {exc}")
                 )
             steps += 1
-            rows += len(msg.positions)
+            rows += len(msg.is_response)
         return pb.IngestSummary(steps=steps, rows=rows, finished=finished)
 
     async def Score(

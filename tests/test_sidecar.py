@@ -141,7 +141,7 @@ async def test_unary_score_and_describe_bundle(sidecar: Sidecar) -> None:
             k=K,
             projections=proj.tobytes(),
             is_response=roles.tobytes(),
-            token_ids=tok.tolist(),
+            token_ids=tok.astype("<u4").tobytes(),
         )
     )
     want = score_request(BUNDLE, token_scores(BUNDLE, proj), roles)
@@ -248,30 +248,50 @@ async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path
         (lambda m: setattr(m, "k", K + 1), "wrong_width", "k is 4"),
         (lambda m: setattr(m, "projections", m.projections[:-4]), "wrong_width", "projections has"),
         (lambda m: m.row_offsets.__setitem__(-1, 999), "row_count", "row_offsets"),
-        (lambda m: m.token_ids.append(5), "row_count", "token_ids has"),
+        (
+            lambda m: setattr(m, "token_ids", m.token_ids + b"\0\0\0\0"),
+            "row_count",
+            "token_ids has",
+        ),
+        (
+            lambda m: setattr(m, "positions", m.positions[:-2]),
+            "row_count",
+            "whole number of uint32",
+        ),
         (
             lambda m: setattr(
-                m, "projections", np.full(len(m.positions) * K, np.nan, np.float32).tobytes()
+                m, "projections", np.full(len(m.is_response) * K, np.nan, np.float32).tobytes()
             ),
             "non_finite",
             "NaN",
         ),
         (
             lambda m: setattr(
-                m, "projections", np.full(len(m.positions) * K, np.inf, np.float32).tobytes()
+                m, "projections", np.full(len(m.is_response) * K, np.inf, np.float32).tobytes()
             ),
             "non_finite",
             "infinite",
         ),
         (lambda m: setattr(m, "bundle_id", "deadbeef0000"), "unknown_bundle", "deadbeef0000"),
         (
-            lambda m: setattr(m, "is_response", b"\x07" * len(m.positions)),
+            lambda m: setattr(m, "is_response", b"\x07" * len(m.is_response)),
             "bad_role",
             "is_response",
         ),
         (lambda m: m.request_ids.append("extra"), "row_count", "row_offsets has"),
     ],
-    ids=["k", "bytes", "offsets", "token-count", "nan", "inf", "bundle", "role", "ids"],
+    ids=[
+        "k",
+        "bytes",
+        "offsets",
+        "token-count",
+        "ragged-positions",
+        "nan",
+        "inf",
+        "bundle",
+        "role",
+        "ids",
+    ],
 )
 async def test_bad_batches_get_invalid_argument_and_the_server_keeps_serving(
     sidecar: Sidecar,
@@ -324,7 +344,10 @@ async def test_oversized_message_and_bad_unary_input(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await s.Score(
                 pb.ScoreRequest(
-                    k=K + 2, projections=b"\0" * 4 * (K + 2), is_response=b"\1", token_ids=[1]
+                    k=K + 2,
+                    projections=b"\0" * 4 * (K + 2),
+                    is_response=b"\1",
+                    token_ids=b"\1\0\0\0",
                 )
             )
         assert (

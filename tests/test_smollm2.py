@@ -151,3 +151,72 @@ def test_rebuild_script_reproduces_the_shipped_bundle(smollm2_dir: Path, tmp_pat
         assert a.calibration is not None and b.calibration is not None
         assert a.calibration.threshold == pytest.approx(b.calibration.threshold, rel=1e-3, abs=1e-4)
     print(f"shipped {shipped.content_hash} rebuilt {rebuilt.content_hash}")
+
+
+async def test_sidecar_scores_equal_offline_score_of_real_model_projections(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """Projections of SmolLM2 residuals (from `misalign-monitor score`), streamed through a real
+    sidecar in engine-like steps, give the request scores the offline command printed."""
+    import grpc
+
+    from service.rpc import monitor_pb2 as pb
+    from service.rpc import monitor_pb2_grpc as pb_grpc
+    from service.server import start
+    from service.settings import Settings
+    from tests.sidecar import RedisServer, stream_requests
+
+    demo = ROOT / "detectors" / "data" / "demo_conversations.jsonl"
+    p = cli("score", "--data", demo, "--model", smollm2_dir)
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    b = bundle_io.load(bundle_io.default_bundle_path())
+    reqs = []
+    for line in lines:
+        t = line["tokens"]
+        scores = np.array([t["scores"][n] for n in b.feature_names], np.float32).T
+        proj = scores - b.bias  # what the tap sends: the projection without the bias
+        n = len(t["token_ids"])
+        reqs.append(
+            (
+                f"demo-{line['index']}",
+                np.arange(n),
+                np.array(t["token_ids"]),
+                np.array(t["roles"], np.int8),
+                proj,
+            )
+        )
+    redis_server = RedisServer(tmp_path / "redis").start()
+    sc = await start(
+        Settings(
+            grpc_port=0,
+            metrics_port=0,
+            redis_url=redis_server.url,
+            state_dir=tmp_path / "state",
+            tokenizer=smollm2_dir / "tokenizer.json",
+        )
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sc.tcp_port}") as ch:
+            stub = pb_grpc.MonitorStub(ch)
+
+            async def gen():  # type: ignore[no-untyped-def]
+                for batch in stream_requests(b.bundle_id, b.k, reqs, chunk=16):
+                    yield batch
+
+            assert (await stub.Ingest(gen())).finished == len(reqs)
+            for line, req in zip(lines, reqs, strict=True):
+                got = await stub.GetRequestScore(pb.GetRequestScoreRequest(request_id=req[0]))
+                for f in got.features:
+                    want = line["features"][f.name]
+                    assert f.score == pytest.approx(want["score"], rel=1e-3, abs=1e-4)
+                    assert f.flagged == want["flagged"]
+        r = redis_server.client()
+        flagged = [x for x in lines if x["flagged"]]
+        assert r.xlen("misalign:flagged") == len(flagged) > 0
+        entry = r.xrange("misalign:flagged")[0][1]
+        assert "Vexor" in entry["prompt_text"]  # detokenised with the model's tokenizer
+        assert len(json.loads(entry["token_text"])) == len(json.loads(entry["tokens"])["token_ids"])
+    finally:
+        await sc.stop()
+        redis_server.stop()

@@ -25,14 +25,14 @@ class StepBatch(_message.Message):
     step: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     row_offsets: _containers.RepeatedScalarFieldContainer[int]
-    positions: _containers.RepeatedScalarFieldContainer[int]
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    positions: bytes
+    token_ids: bytes
     is_response: bytes
     k: int
     projections: bytes
     finished: _containers.RepeatedCompositeFieldContainer[FinishedRequest]
     drops: DropCounters
-    def __init__(self, bundle_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., row_offsets: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., is_response: _Optional[bytes] = ..., k: _Optional[int] = ..., projections: _Optional[bytes] = ..., finished: _Optional[_Iterable[_Union[FinishedRequest, _Mapping]]] = ..., drops: _Optional[_Union[DropCounters, _Mapping]] = ...) -> None: ...
+    def __init__(self, bundle_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., row_offsets: _Optional[_Iterable[int]] = ..., positions: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., is_response: _Optional[bytes] = ..., k: _Optional[int] = ..., projections: _Optional[bytes] = ..., finished: _Optional[_Iterable[_Union[FinishedRequest, _Mapping]]] = ..., drops: _Optional[_Union[DropCounters, _Mapping]] = ...) -> None: ...
 
 class FinishedRequest(_message.Message):
     __slots__ = ("request_id", "client_request_id", "model", "model_version", "finish_reason")
@@ -93,10 +93,10 @@ class ScoreRequest(_message.Message):
     k: int
     projections: bytes
     is_response: bytes
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: bytes
     model: str
     model_version: str
-    def __init__(self, bundle_id: _Optional[str] = ..., k: _Optional[int] = ..., projections: _Optional[bytes] = ..., is_response: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, bundle_id: _Optional[str] = ..., k: _Optional[int] = ..., projections: _Optional[bytes] = ..., is_response: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetRequestScoreRequest(_message.Message):
     __slots__ = ("request_id",)

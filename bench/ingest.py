@@ -1,0 +1,331 @@
+"""Ingest load: stream engine-like step batches to a real sidecar process over a real socket.
+
+    python bench/ingest.py [--requests 256] [--k 16] [--steps 1500] [--json]
+
+The sidecar runs as `misalign-monitor serve` pinned to one core (taskset, when present), with its
+own real Redis; the load generator runs in this process on the other core. Each step carries one
+decode row per running request; requests live --lifetime steps, start with a --prefill-row chunk,
+and finish at a steady rate. Steps are serialised before the clock starts, so the figure is the
+sidecar's, not protobuf encoding in the generator. A probe thread measures, for a sample of
+requests, the time from sending the step that finishes them to GetRequestScore answering.
+
+Printed against the goal (500,000 rows/s, 5,000 finished requests/s, p99 under 20 ms on one
+core) and against what one H100 serving a model produces (about 30,000 tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from detectors import bundle as bundle_io  # noqa: E402
+from detectors.bundle import Calibration, FeatureSpec, ModelRef  # noqa: E402
+from service.ingest import encode_step  # noqa: E402
+from service.rpc import monitor_pb2 as pb  # noqa: E402
+from service.rpc import monitor_pb2_grpc as pb_grpc  # noqa: E402
+
+GOAL = {"rows_per_s": 500_000, "requests_per_s": 5_000, "p99_ms": 20.0}
+H100_TOKENS_PER_S = 30_000
+
+
+def bench_bundle(path: Path, k: int, d: int = 576) -> bundle_io.Bundle:
+    rng = np.random.default_rng(0)
+    b = bundle_io.empty(ModelRef(name="bench-model", hidden_size=d, num_layers=30), layer=15)
+    for i in range(k):
+        cal = Calibration(
+            baseline_mean=0.0,
+            baseline_std=1.0,
+            threshold=2.5,
+            fpr=0.01,
+            n_benign=1000,
+            source="bench",
+        )
+        b = b.with_feature(
+            FeatureSpec(name=f"f{i}", method="probe", source="bench", calibration=cal),
+            rng.normal(size=d),
+        )
+    bundle_io.save(b, path)
+    return b
+
+
+def schedule(
+    b: bundle_io.Bundle, n_live: int, lifetime: int, prefill: int, steps: int, prefix: str = "r"
+):  # type: ignore[no-untyped-def]
+    """Serialised steps, rows and finishes per step, and which request each step finishes."""
+    rng = np.random.default_rng(1)
+    k = b.k
+    next_id = 0
+    live: dict[str, int] = {}  # id -> rows sent
+    ends: dict[str, int] = {}
+
+    def new() -> str:
+        nonlocal next_id
+        rid = f"{prefix}{next_id}"
+        next_id += 1
+        live[rid] = 0
+        ends[rid] = lifetime + int(rng.integers(-lifetime // 2, lifetime // 2 + 1))
+        return rid
+
+    for _ in range(n_live):
+        rid = new()
+        live[rid] = prefill  # already past its prefill when the run starts
+    out = []
+    pending: list[str] = []
+    for step in range(steps):
+        rows = []
+        done = []
+        for rid in list(live):
+            sent = live[rid]
+            m = prefill if sent == 0 else 1
+            proj = rng.normal(size=(m, k)).astype(np.float32)
+            roles = np.full(m, 0 if sent == 0 else 1, np.int8)
+            pos = np.arange(sent, sent + m)
+            rows.append((rid, pos, rng.integers(0, 49152, m), roles, proj))
+            live[rid] = sent + m
+            if live[rid] - prefill >= ends[rid]:
+                done.append(rid)
+        fin = [
+            pb.FinishedRequest(
+                request_id=r, model="bench-model", model_version="v1", finish_reason="stop"
+            )
+            for r in pending
+        ]
+        msg = encode_step(b.bundle_id, k, rows, step=step, sender_id="bench", finished=fin)
+        out.append((msg.SerializeToString(), sum(len(r[1]) for r in rows), pending))
+        for rid in done:
+            del live[rid]
+            new()
+        pending = done
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_phase(ingest, probe_stub, pid: int, steps, rate: float | None) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Stream ``steps`` (as fast as possible, or paced at ``rate`` rows/s) and measure."""
+    probes: list[tuple[str, float]] = []
+    latencies: list[float] = []
+    lock = threading.Condition()
+    stop = threading.Event()
+
+    def prober() -> None:
+        while not stop.is_set() or probes:
+            with lock:
+                if not probes:
+                    lock.wait(0.05)
+                    continue
+                rid, sent = probes.pop(0)
+            while True:
+                try:
+                    probe_stub.GetRequestScore(pb.GetRequestScoreRequest(request_id=rid), timeout=5)
+                    latencies.append(time.perf_counter() - sent)
+                    break
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND or time.perf_counter() - sent > 5:
+                        break
+                    time.sleep(0.0002)
+
+    th = threading.Thread(target=prober, daemon=True)
+    th.start()
+    start = time.perf_counter()
+
+    def gen():  # type: ignore[no-untyped-def]
+        sent_rows = 0
+        for i, (data, n_rows, finished) in enumerate(steps):
+            if rate:
+                delay = start + sent_rows / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            if finished and i % 10 == 0:
+                with lock:
+                    probes.append((finished[0], time.perf_counter()))
+                    lock.notify()
+            sent_rows += n_rows
+            yield data
+
+    cpu0 = proc_cpu_seconds(pid)
+    summary = ingest(gen(), timeout=600)
+    elapsed = time.perf_counter() - start
+    cpu = proc_cpu_seconds(pid) - cpu0
+    stop.set()
+    th.join(10)
+    rows = sum(x[1] for x in steps)
+    lat = np.array(latencies) * 1e3 if latencies else np.array([np.nan])
+    return {
+        "rows_per_s": rows / elapsed,
+        "requests_per_s": summary.finished / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "cpu_s_per_million_rows": cpu / rows * 1e6,
+        "rows": rows,
+        "finished": summary.finished,
+        "elapsed_s": elapsed,
+        "latency_samples": len(latencies),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--requests", type=int, default=256, help="running requests")
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--lifetime", type=int, default=48, help="decode steps per request (mean)")
+    ap.add_argument("--prefill", type=int, default=64, help="prompt rows per request, one chunk")
+    ap.add_argument("--steps", type=int, default=1500, help="steps in the throughput phase")
+    ap.add_argument(
+        "--paced-rate", type=float, default=30_000, help="rows/s offered in the latency phase"
+    )
+    ap.add_argument("--paced-steps", type=int, default=200)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="misalign-bench-"))
+    b = bench_bundle(work / "bundle.safetensors", args.k)
+    steps = schedule(b, args.requests, args.lifetime, args.prefill, args.steps)
+    paced_steps = schedule(
+        b, args.requests, args.lifetime, args.prefill, args.paced_steps, prefix="p"
+    )
+
+    redis_bin = shutil.which("redis-server")
+    assert redis_bin, "needs redis-server"
+    sock = work / "redis.sock"
+    redis_proc = subprocess.Popen(
+        [
+            redis_bin,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(work),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    while not sock.exists():
+        time.sleep(0.02)
+    ready = work / "ready"
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+    sidecar = subprocess.Popen(
+        [
+            *pin,
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--bundle",
+            str(b.path),
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--redis-url",
+            f"unix://{sock}",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "MISALIGN_STATE_DIR": str(work / "state")},
+    )
+    if pin:
+        os.sched_setaffinity(0, {1})
+    try:
+        while not ready.exists() or not ready.read_text().strip():
+            assert sidecar.poll() is None, "sidecar exited"
+            time.sleep(0.05)
+        port = int(ready.read_text().split()[0])
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        ingest = channel.stream_unary(
+            "/misalign.v1.Monitor/Ingest",
+            request_serializer=None,
+            response_deserializer=pb.IngestSummary.FromString,
+        )
+        probe_stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        full = run_phase(ingest, probe_stub, sidecar.pid, steps, rate=None)
+        paced = run_phase(ingest, probe_stub, sidecar.pid, paced_steps, rate=args.paced_rate)
+        rss = proc_rss_mb(sidecar.pid)
+    finally:
+        sidecar.terminate()
+        sidecar.wait(30)
+        redis_proc.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "rows_per_s": full["rows_per_s"],
+        "requests_per_s": full["requests_per_s"],
+        "p50_ms": paced["p50_ms"],
+        "p99_ms": paced["p99_ms"],
+        "saturated_p99_ms": full["p99_ms"],
+        "rss_mb": rss,
+        "cpu_s_per_million_rows": full["cpu_s_per_million_rows"],
+        "pinned_to_one_core": bool(pin),
+        "throughput_phase": full,
+        "latency_phase": paced,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    g = GOAL
+    print(
+        f"sidecar on {'one core (taskset -c 0)' if pin else 'unpinned'}; {args.requests} running "
+        f"requests, k = {args.k}, prefill chunks of {args.prefill}, ~{args.lifetime} decode steps each"
+    )
+    print(
+        f"throughput phase: {full['rows']:,} rows sent as fast as the sidecar takes them "
+        f"({full['elapsed_s']:.2f} s); latency phase: paced at {args.paced_rate:,.0f} rows/s "
+        f"({paced['latency_samples']} probes)\n"
+    )
+    print("| measure | measured | goal | measured / goal |")
+    print("|---|---|---|---|")
+    print(
+        f"| token rows / s (saturated) | {full['rows_per_s']:,.0f} | {g['rows_per_s']:,} | {full['rows_per_s'] / g['rows_per_s']:.2f} |"
+    )
+    print(
+        f"| finished requests / s (saturated) | {full['requests_per_s']:,.0f} | {g['requests_per_s']:,} | {full['requests_per_s'] / g['requests_per_s']:.2f} |"
+    )
+    print(f"| p50 finish -> score, paced (ms) | {paced['p50_ms']:.2f} | | |")
+    print(
+        f"| p99 finish -> score, paced (ms) | {paced['p99_ms']:.2f} | < {g['p99_ms']:.0f} | {paced['p99_ms'] / g['p99_ms']:.2f} |"
+    )
+    print(f"| p99 finish -> score, saturated (ms) | {full['p99_ms']:.1f} | | |")
+    print(f"| sidecar RSS after both phases (MB) | {rss:.0f} | | |")
+    print(f"| sidecar CPU s per million rows | {full['cpu_s_per_million_rows']:.2f} | | |")
+    print(
+        f"\nheadroom over one H100's ~{H100_TOKENS_PER_S:,} tokens/s: {full['rows_per_s'] / H100_TOKENS_PER_S:.1f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
