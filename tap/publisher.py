@@ -1,0 +1,173 @@
+"""Streams step batches to the sidecar from a background thread; never blocks the engine.
+
+A bounded queue sits between the engine step and the stream. When it is full, or the sidecar is
+away, steps are dropped and counted by reason; the cumulative counts ride along in every batch, so
+the sidecar reports them once it is reachable again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from detectors.bundle import Bundle
+from service.rpc import monitor_pb2 as pb
+from service.rpc import monitor_pb2_grpc as pb_grpc
+from tap.settings import TapSettings
+
+log = logging.getLogger(__name__)
+
+
+def _client_id(request_id: str) -> str:
+    """vLLM makes its internal id as ``f"{client_id}-{8 random hex}"``; undo that."""
+    head, sep, tail = request_id.rpartition("-")
+    if sep and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail):
+        return head
+    return request_id
+
+
+class Publisher:
+    def __init__(self, settings: TapSettings, bundle: Bundle, model_name: str) -> None:
+        self.settings = settings
+        self.bundle_id = bundle.bundle_id
+        self.k = bundle.k
+        self.model_name = model_name
+        self.sender_id = f"tap-{uuid.uuid4().hex[:12]}"
+        self.queue: queue.Queue[pb.StepBatch] = queue.Queue(maxsize=settings.queue_size)
+        self.rows_dropped: Counter[str] = Counter()
+        self.steps_dropped: Counter[str] = Counter()
+        self.sent_steps = 0
+        self._lock = threading.Lock()
+        self._step = 0
+        self.connected = False
+        self._in_flight: pb.StepBatch | None = None
+        self._thread = threading.Thread(
+            target=self._run, name="misalign-tap-publisher", daemon=True
+        )
+        self._thread.start()
+
+    def count_drop(self, rows: int, reason: str) -> None:
+        with self._lock:
+            self.rows_dropped[reason] += rows
+            self.steps_dropped[reason] += 1
+
+    def submit(
+        self,
+        req_ids: list[str],
+        offsets: np.ndarray,
+        positions: np.ndarray,
+        token_ids: np.ndarray,
+        roles: np.ndarray,
+        proj: np.ndarray,
+    ) -> None:
+        """Called on the engine's thread: build the message and hand it over, or drop it."""
+        self._step += 1
+        msg = pb.StepBatch(
+            bundle_id=self.bundle_id,
+            sender_id=self.sender_id,
+            step=self._step,
+            request_ids=req_ids,
+            row_offsets=offsets.tolist(),
+            positions=positions.astype("<u4").tobytes(),
+            token_ids=token_ids.astype("<u4").tobytes(),
+            is_response=roles.tobytes(),
+            k=self.k,
+            projections=np.ascontiguousarray(proj, dtype="<f4").tobytes(),
+        )
+        self._put(msg)
+
+    def finish(self, request_id: str, reason: str) -> None:
+        """A request ended (called by the scheduler, after its last step was submitted)."""
+        self._step += 1
+        client_id = _client_id(request_id)
+        msg = pb.StepBatch(
+            bundle_id=self.bundle_id,
+            sender_id=self.sender_id,
+            step=self._step,
+            k=self.k,
+            row_offsets=[0],
+            finished=[
+                pb.FinishedRequest(
+                    request_id=request_id,
+                    client_request_id=client_id,
+                    model=self.model_name,
+                    model_version=self.settings.model_version,
+                    finish_reason=reason,
+                )
+            ],
+        )
+        self._put(msg)
+
+    def _put(self, msg: pb.StepBatch) -> None:
+        try:
+            self.queue.put_nowait(msg)
+        except queue.Full:
+            self.count_drop(len(msg.is_response), "queue_full")
+
+    def _with_drops(self, msg: pb.StepBatch) -> pb.StepBatch:
+        with self._lock:
+            for reason, n in self.rows_dropped.items():
+                msg.drops.rows_by_reason[reason] = n
+            for reason, n in self.steps_dropped.items():
+                msg.drops.steps_by_reason[reason] = n
+        return msg
+
+    def _messages(self, stop: threading.Event) -> Iterator[pb.StepBatch]:
+        while not stop.is_set():
+            try:
+                msg = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._in_flight = msg
+            yield self._with_drops(msg)
+            self.sent_steps += 1
+            self._in_flight = None
+
+    def _drain_as_dropped(self, reason: str) -> None:
+        while True:
+            try:
+                msg = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            self.count_drop(len(msg.is_response), reason)
+
+    def _run(self) -> None:
+        target = self.settings.sidecar
+        delay = 0.05
+        while True:
+            channel = grpc.insecure_channel(target)
+            try:
+                grpc.channel_ready_future(channel).result(timeout=max(delay, 0.2))
+            except grpc.FutureTimeoutError:
+                if self.connected:
+                    log.warning(
+                        "misalign tap: sidecar %s unreachable; dropping and counting", target
+                    )
+                self.connected = False
+                self._drain_as_dropped("sidecar_unavailable")
+                channel.close()
+                time.sleep(delay)
+                delay = min(delay * 2, self.settings.backoff_max_s)
+                continue
+            self.connected = True
+            delay = 0.05
+            stop = threading.Event()
+            try:
+                pb_grpc.MonitorStub(channel).Ingest(self._messages(stop))
+            except grpc.RpcError as exc:
+                log.warning("misalign tap: stream to %s ended (%s)", target, exc.code())
+                if self._in_flight is not None:
+                    self.count_drop(len(self._in_flight.is_response), "sidecar_unavailable")
+                    self._in_flight = None
+            finally:
+                stop.set()
+                self.connected = False
+                channel.close()

@@ -1,0 +1,34 @@
+"""Tap settings, read once from ``MISALIGN_TAP_*`` environment variables in each vLLM process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from detectors.errors import MisalignError
+
+
+class TapConfigError(MisalignError):
+    pass
+
+
+class TapSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MISALIGN_TAP_", extra="ignore", frozen=True)
+
+    bundle: Path | None = Field(default=None, description="direction bundle; unset: tap inactive")
+    sidecar: str = Field(default="127.0.0.1:50051", description="host:port or unix:/path")
+    model_version: str = Field(default="unknown", description="label for metrics and samples")
+    model_name: str | None = Field(default=None, description="label; default the bundle's model")
+    queue_size: int = Field(default=1024, gt=0, description="steps held for the publisher")
+    backoff_max_s: float = Field(default=5.0, gt=0)
+
+
+def read_settings() -> TapSettings:
+    try:
+        return TapSettings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "MISALIGN_TAP_" + str(err["loc"][0]).upper() if err["loc"] else "MISALIGN_TAP_*"
+        raise TapConfigError(f"misalign tap: {name}: {err['msg']}") from None

@@ -1,0 +1,35 @@
+"""What the tap knows in one vLLM process: its settings, the bundle, the tapped layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from detectors.bundle import Bundle
+from tap.settings import TapSettings
+
+
+@dataclass
+class Active:
+    settings: TapSettings
+    bundle: Bundle
+    layer: Any = None  # the TappedDecoderLayer holding tap_out
+    publisher: Any = None
+
+
+_ACTIVE: Active | None = None
+
+
+def active() -> Active | None:
+    return _ACTIVE
+
+
+def activate(settings: TapSettings, bundle: Bundle) -> Active:
+    global _ACTIVE
+    _ACTIVE = Active(settings, bundle)
+    return _ACTIVE
+
+
+def register_layer(layer: Any) -> None:
+    if _ACTIVE is not None:
+        _ACTIVE.layer = layer
