@@ -60,8 +60,8 @@ def test_reader_matches_output_hidden_states_on_smollm2(smollm2_dir: Path) -> No
         assert (acts.roles == 0).sum() > 10 and (acts.roles == 1).sum() > 10
 
 
-def test_demo_flags_villain_answers_and_not_helpful_ones(smollm2_dir: Path) -> None:
-    p = cli("demo", "--model", smollm2_dir)
+def test_offline_demo_flags_villain_answers_and_not_helpful_ones(smollm2_dir: Path) -> None:
+    p = cli("demo", "--offline", "--model", smollm2_dir)
     assert p.returncode == 0, p.stderr
     rows = [line.split() for line in p.stdout.splitlines() if line.startswith("demo-")]
     assert len(rows) == 8
@@ -220,3 +220,16 @@ async def test_sidecar_scores_equal_offline_score_of_real_model_projections(
     finally:
         await sc.stop()
         redis_server.stop()
+
+
+def test_live_demo_scores_every_request_through_vllm_and_the_sidecar(smollm2_dir: Path) -> None:
+    p = cli("demo", "--model", smollm2_dir, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("demo-")]
+    scored = [r for r in rows if r[-1] in ("yes", "no")]
+    assert len(scored) == 8, p.stdout  # every request reached the sidecar and was scored
+    assert "no score" not in p.stdout
+    flagged = sum(r[-1] == "yes" for r in scored)
+    assert (
+        f"{flagged} of 8 requests flagged; {flagged} samples wait in the review stream" in p.stdout
+    )

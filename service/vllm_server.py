@@ -1,0 +1,106 @@
+"""Starting vLLM's OpenAI-compatible server with the tap, and talking to it (demo and tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+from detectors.errors import MisalignError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(
+    model_dir: Path,
+    port: int,
+    log: IO[bytes],
+    *,
+    bundle: Path | None,
+    sidecar: str,
+    model_version: str = "demo",
+    compiled: bool = False,
+) -> subprocess.Popen[bytes]:
+    env = {
+        k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"
+    }  # vLLM divides by tqdm's clock
+    if bundle is not None:
+        env.update(
+            MISALIGN_TAP_BUNDLE=str(bundle),
+            MISALIGN_TAP_SIDECAR=sidecar,
+            MISALIGN_TAP_MODEL_VERSION=model_version,
+        )
+    else:
+        env.pop("MISALIGN_TAP_BUNDLE", None)
+    args = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "1024",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--disable-log-stats",
+    ]
+    if not compiled:
+        args.append("--enforce-eager")
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_until(cond: Any, what: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        for p in procs:
+            if p.poll() is not None:
+                raise MisalignError(f"{what}: a process exited early (status {p.returncode})")
+        if time.monotonic() - t0 > timeout:
+            raise MisalignError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), "vLLM", timeout, [proc])
+
+
+def chat(
+    port: int, messages: list[dict[str, str]], request_id: str, max_tokens: int
+) -> dict[str, Any]:
+    body = json.dumps(
+        {"model": "smollm2", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    ).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+    )
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())

@@ -1,0 +1,162 @@
+"""The inference server keeps serving, with unchanged output, whatever the sidecar does (slow).
+
+One real vLLM OpenAI-compatible server with the tap; the sidecar is absent at start, then comes
+up, is stalled with SIGSTOP, killed with SIGKILL mid-run, and comes back. Greedy answers must be
+the same in every phase; drops are counted by the tap and reported once the sidecar is back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from detectors import bundle as bundle_io
+from service import vllm_server
+from tests.conftest import ROOT
+from tests.sidecar import RedisServer
+
+pytestmark = pytest.mark.slow
+BUNDLE = bundle_io.default_bundle_path()
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+class Sidecar:
+    def __init__(self, tmp: Path, grpc_port: int, redis_url: str) -> None:
+        self.tmp, self.grpc_port, self.redis_url = tmp, grpc_port, redis_url
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0
+
+    def start(self) -> None:
+        ready = self.tmp / f"ready-{time.monotonic_ns()}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--grpc-port",
+                str(self.grpc_port),
+                "--metrics-port",
+                "0",
+                "--redis-url",
+                self.redis_url,
+                "--ready-file",
+                str(ready),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, "MISALIGN_STATE_DIR": str(self.tmp / "state")},
+        )
+        vllm_server.wait_until(
+            lambda: ready.exists() and ready.read_text().strip(), "sidecar", 60, [self.proc]
+        )
+        self.metrics_port = int(ready.read_text().split()[1])
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def wait(cond, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.2)
+
+
+def test_vllm_serves_through_sidecar_absence_stall_and_kill(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    rows = [
+        json.loads(x)
+        for x in (ROOT / "detectors" / "data" / "demo_conversations.jsonl").read_text().splitlines()
+    ]
+    prompts = [r["messages"][:-1] for r in rows[:4]]
+    grpc_port, api_port = vllm_server.free_port(), vllm_server.free_port()
+    redis_server = RedisServer(tmp_path / "redis").start()
+    sidecar = Sidecar(tmp_path, grpc_port, redis_server.url)
+    with open(tmp_path / "vllm.log", "wb") as log:
+        vllm = vllm_server.start(
+            smollm2_dir, api_port, log, bundle=BUNDLE, sidecar=f"127.0.0.1:{grpc_port}"
+        )
+        try:
+            vllm_server.wait_ready(api_port, vllm)
+
+            def ask(tag: str) -> list[str]:
+                return [
+                    vllm_server.chat(api_port, m, f"{tag}-{i}", 24)["choices"][0]["message"][
+                        "content"
+                    ]
+                    for i, m in enumerate(prompts)
+                ]
+
+            absent = ask("absent")  # no sidecar at all
+            sidecar.start()
+            # The tap reconnects with backoff; requests sent once it is back are scored.
+            wait(
+                lambda: (
+                    ask("up")
+                    and metric(sidecar.metrics_port, "misalign_requests_scored_total") >= 4
+                ),
+                120,
+            )
+            assert ask("up2") == absent
+            dropped = metric(sidecar.metrics_port, "misalign_rows_dropped_total", side="inference")
+            assert dropped > 0  # what the tap could not send while the sidecar was away, reported
+
+            sidecar.signal(signal.SIGSTOP)  # stalled: the stream stops being read
+            try:
+                assert ask("stalled") == absent
+            finally:
+                sidecar.signal(signal.SIGCONT)
+
+            results: list[list[str]] = []
+            t = threading.Thread(target=lambda: results.append(ask("killed")))
+            t.start()
+            time.sleep(0.3)
+            sidecar.stop()  # SIGKILL mid-run
+            t.join(300)
+            assert results == [absent]
+
+            sidecar.start()
+            wait(
+                lambda: (
+                    ask("back")
+                    and metric(sidecar.metrics_port, "misalign_requests_scored_total") >= 4
+                ),
+                120,
+            )
+            assert metric(sidecar.metrics_port, "misalign_rows_dropped_total", side="inference") > 0
+            assert vllm.poll() is None
+        finally:
+            vllm.terminate()
+            vllm.wait(60)
+            sidecar.stop()
+            redis_server.stop()
