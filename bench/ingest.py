@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from bench.synthetic import synthetic_bundle  # noqa: E402
 from detectors import bundle as bundle_io  # noqa: E402
-from detectors.bundle import Calibration, FeatureSpec, ModelRef  # noqa: E402
+from detectors.bundle import ModelRef  # noqa: E402
 from service.ingest import encode_step  # noqa: E402
 from service.rpc import monitor_pb2 as pb  # noqa: E402
 from service.rpc import monitor_pb2_grpc as pb_grpc  # noqa: E402
@@ -43,24 +44,10 @@ GOAL = {"rows_per_s": 500_000, "requests_per_s": 5_000, "p99_ms": 20.0}
 H100_TOKENS_PER_S = 30_000
 
 
-def bench_bundle(path: Path, k: int, d: int = 576) -> bundle_io.Bundle:
-    rng = np.random.default_rng(0)
-    b = bundle_io.empty(ModelRef(name="bench-model", hidden_size=d, num_layers=30), layer=15)
-    for i in range(k):
-        cal = Calibration(
-            baseline_mean=0.0,
-            baseline_std=1.0,
-            threshold=2.5,
-            fpr=0.01,
-            n_benign=1000,
-            source="bench",
-        )
-        b = b.with_feature(
-            FeatureSpec(name=f"f{i}", method="probe", source="bench", calibration=cal),
-            rng.normal(size=d),
-        )
-    bundle_io.save(b, path)
-    return b
+def bench_bundle(path: Path, k: int) -> bundle_io.Bundle:
+    return synthetic_bundle(
+        path, ModelRef(name="bench-model", hidden_size=576, num_layers=30), 15, k, 2.5
+    )
 
 
 def schedule(

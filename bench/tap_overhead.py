@@ -27,31 +27,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from detectors import bundle as bundle_io  # noqa: E402
-from detectors.bundle import Calibration, FeatureSpec, ModelRef  # noqa: E402
+from bench.synthetic import synthetic_bundle  # noqa: E402
+from detectors.bundle import ModelRef  # noqa: E402
 from detectors.demo import DEMO_CONVERSATIONS  # noqa: E402
 from detectors.model_store import prepare_smollm2  # noqa: E402
 
 
 def k16_bundle(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    b = bundle_io.empty(
-        ModelRef(name="SmolLM2-135M-Instruct", hidden_size=576, num_layers=30), layer=8
-    )
-    for i in range(16):
-        cal = Calibration(
-            baseline_mean=0.0,
-            baseline_std=1.0,
-            threshold=50.0,
-            fpr=0.01,
-            n_benign=100,
-            source="bench",
-        )
-        b = b.with_feature(
-            FeatureSpec(name=f"f{i}", method="probe", source="bench", calibration=cal),
-            rng.normal(size=576),
-        )
-    bundle_io.save(b, path)
+    # A threshold no request reaches: the benchmark measures the tap, not the flag queue.
+    model = ModelRef(name="SmolLM2-135M-Instruct", hidden_size=576, num_layers=30)
+    synthetic_bundle(path, model, layer=8, k=16, threshold=50.0)
     return path
 
 

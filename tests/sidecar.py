@@ -2,62 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
-from pathlib import Path
-
 import numpy as np
 
+from service.embedded_redis import EmbeddedRedis
 from service.ingest import encode_step
 from service.rpc import monitor_pb2 as pb
 
 
-class RedisServer:
-    """A real redis-server on a Unix socket of the test's own, that the test can stop and restart."""
+class RedisServer(EmbeddedRedis):
+    """A real redis-server on a Unix socket of the test's own (the sidecar's embedded one), that
+    the test can stop and restart; it keeps nothing on disk, so a restart comes back empty."""
 
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.socket = directory / "redis.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server must be installed (make setup installs it)"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                "0",
-                "--unixsocket",
-                str(self.socket),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+    def start(self) -> RedisServer:  # type: ignore[override]
+        super().start()
         return self
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+        super().stop()
         self.socket.unlink(missing_ok=True)
 
     def client(self):  # type: ignore[no-untyped-def]
