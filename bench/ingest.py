@@ -113,7 +113,9 @@ def proc_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_phase(ingest, probe_stub, pid: int, steps, rate: float | None) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def run_phase(
+    ingest, probe_stub, pid: int, steps, rate: float | None, probe_every: int = 10
+) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Stream ``steps`` (as fast as possible, or paced at ``rate`` rows/s) and measure."""
     probes: list[tuple[str, float]] = []
     latencies: list[float] = []
@@ -148,7 +150,7 @@ def run_phase(ingest, probe_stub, pid: int, steps, rate: float | None) -> dict[s
                 delay = start + sent_rows / rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-            if finished and i % 10 == 0:
+            if finished and i % probe_every == 0:
                 with lock:
                     probes.append((finished[0], time.perf_counter()))
                     lock.notify()
@@ -188,7 +190,7 @@ def main() -> int:
     ap.add_argument(
         "--paced-rate", type=float, default=30_000, help="rows/s offered in the latency phase"
     )
-    ap.add_argument("--paced-steps", type=int, default=200)
+    ap.add_argument("--paced-steps", type=int, default=600)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -260,7 +262,9 @@ def main() -> int:
         )
         probe_stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         full = run_phase(ingest, probe_stub, sidecar.pid, steps, rate=None)
-        paced = run_phase(ingest, probe_stub, sidecar.pid, paced_steps, rate=args.paced_rate)
+        paced = run_phase(
+            ingest, probe_stub, sidecar.pid, paced_steps, rate=args.paced_rate, probe_every=2
+        )
         rss = proc_rss_mb(sidecar.pid)
     finally:
         sidecar.terminate()
