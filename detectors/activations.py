@@ -216,10 +216,8 @@ def _response_end(full: list[int], start: int, tail: list[int]) -> int:
     return max(start + 1, len(full) - 2)
 
 
-def mean_pool(acts: TokenActivations, layer: int, role: int | None = RESPONSE) -> np.ndarray:
+def mean_pool(acts: TokenActivations, layer: int) -> np.ndarray:
+    """Mean over the response tokens (all tokens when a record has none marked response)."""
     x = acts.layers[layer]
-    if role is not None:
-        x = x[acts.roles == role]
-    if len(x) == 0:
-        x = acts.layers[layer]
-    return x.mean(axis=0)
+    sel = acts.roles == RESPONSE
+    return (x[sel] if sel.any() else x).mean(axis=0)

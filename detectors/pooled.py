@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from detectors.activations import RESPONSE, ActivationReader
+from detectors.activations import ActivationReader, mean_pool
 from detectors.model_store import cache_root
 from detectors.transcripts import Transcript
 
@@ -56,10 +56,8 @@ def pooled_activations(
     for acts in reader.read(
         records, layers, max_tokens=max_tokens, batch_size=batch_size, progress=progress, desc=desc
     ):
-        sel = acts.roles == RESPONSE
         for lay in layers:
-            x = acts.layers[lay]
-            out[lay].append((x[sel] if sel.any() else x).mean(0))
+            out[lay].append(mean_pool(acts, lay))
     result = {lay: np.stack(v).astype(np.float32) for lay, v in out.items()}
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)

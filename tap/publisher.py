@@ -44,7 +44,6 @@ class Publisher:
         self.queue: queue.Queue[pb.StepBatch] = queue.Queue(maxsize=settings.queue_size)
         self.rows_dropped: Counter[str] = Counter()
         self.steps_dropped: Counter[str] = Counter()
-        self.sent_steps = 0
         self._lock = threading.Lock()
         self._step = 0
         self.connected = False
@@ -128,7 +127,6 @@ class Publisher:
                 continue
             self._in_flight = msg
             yield self._with_drops(msg)
-            self.sent_steps += 1
             self._in_flight = None
 
     def _drain_as_dropped(self, reason: str) -> None:
