@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from bench.synthetic import synthetic_bundle  # noqa: E402
 from detectors.bundle import ModelRef  # noqa: E402
 from detectors.demo import DEMO_CONVERSATIONS  # noqa: E402
 from detectors.model_store import prepare_smollm2  # noqa: E402
+from service.sidecar_process import start_sidecar  # noqa: E402
 
 
 def k16_bundle(path: Path) -> Path:
@@ -96,32 +96,9 @@ def main() -> int:
             for r in (rows * (args.batch // len(rows) + 1))[: args.batch]
         )
     )
-    ready = work / "ready"
-    sidecar = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**os.environ, "MISALIGN_STATE_DIR": str(work / "state")},
-    )
+    sidecar = start_sidecar(work, "--bundle", str(bundle))
     try:
-        while not ready.exists() or not ready.read_text().strip():
-            assert sidecar.poll() is None, "sidecar exited"
-            time.sleep(0.1)
-        addr = f"127.0.0.1:{ready.read_text().split()[0]}"
+        addr = sidecar.address
         tap = ["--tap", str(bundle), "--sidecar", addr]
         results: dict[str, list[float]] = {"compiled, tap off": [], "compiled, tap on": []}
         for _ in range(args.pairs):
@@ -138,8 +115,7 @@ def main() -> int:
             )
             results["eager, tap on"] = run(model, data, tap, args.rounds, args.max_tokens)
     finally:
-        sidecar.terminate()
-        sidecar.wait(30)
+        sidecar.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     med = {k: float(np.median(v)) for k, v in results.items()}

@@ -8,9 +8,7 @@ them, and the review backlog. Ctrl-C stops everything.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -24,6 +22,7 @@ from detectors import bundle as bundle_io
 from detectors.demo import DEMO_CONVERSATIONS
 from detectors.errors import MisalignError
 from service import vllm_server
+from service.sidecar_process import start_sidecar
 
 
 def run_live_demo(model: str | None, bundle_path: str | None, max_tokens: int = 48) -> None:
@@ -38,37 +37,18 @@ def run_live_demo(model: str | None, bundle_path: str | None, max_tokens: int = 
     logs = {name: open(work / f"{name}.log", "wb") for name in ("sidecar", "vllm")}  # noqa: SIM115
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        grpc_port, metrics_port, api_port = (vllm_server.free_port() for _ in range(3))
-        ready = work / "sidecar.ready"
-        click.echo(f"2/5 starting the sidecar (gRPC 127.0.0.1:{grpc_port}, embedded Redis)")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "service.cli",
-                    "serve",
-                    "--bundle",
-                    str(bpath),
-                    "--grpc-port",
-                    str(grpc_port),
-                    "--metrics-port",
-                    str(metrics_port),
-                    "--ready-file",
-                    str(ready),
-                ],
-                stdout=logs["sidecar"],
-                stderr=subprocess.STDOUT,
-                env={
-                    **os.environ,
-                    "MISALIGN_STATE_DIR": str(work / "state"),
-                    "MISALIGN_TOKENIZER": str(model_dir / "tokenizer.json"),
-                },
-            )
+        click.echo("2/5 starting the sidecar (embedded Redis)")
+        sidecar = start_sidecar(
+            work,
+            "--bundle",
+            str(bpath),
+            env={"MISALIGN_TOKENIZER": str(model_dir / "tokenizer.json")},
+            log=logs["sidecar"],
         )
-        vllm_server.wait_until(
-            lambda: ready.exists() and ready.read_text().strip(), "sidecar", 60, procs
-        )
+        procs.append(sidecar.proc)
+        grpc_port, metrics_port = sidecar.grpc_port, sidecar.metrics_port
+        api_port = vllm_server.free_port()
+        click.echo(f"   gRPC on {sidecar.address}, metrics on {sidecar.metrics_url}")
         click.echo(f"3/5 starting vLLM with the tap (30-60 s on 2 cores; log {work / 'vllm.log'})")
         vllm = vllm_server.start(
             model_dir, api_port, logs["vllm"], bundle=bpath, sidecar=f"127.0.0.1:{grpc_port}"

@@ -18,41 +18,22 @@ import redis
 from detectors import bundle as bundle_io
 from service.rpc import monitor_pb2 as pb
 from service.rpc import monitor_pb2_grpc as pb_grpc
+from service.sidecar_process import start_sidecar
 from tests.sidecar import RedisServer, request_rows, stream_requests
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 
 
-def serve(
-    tmp_path: Path, *extra: str, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[str], int]:
-    ready = tmp_path / "ready"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--ready-file",
-            str(ready),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "MISALIGN_STATE_DIR": str(tmp_path / "state"), **(env or {})},
-    )
-    deadline = time.monotonic() + 60
-    while not ready.exists() or not ready.read_text().strip():
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read() if proc.stderr else "sidecar exited")
-        assert time.monotonic() < deadline, "sidecar did not become ready"
-        time.sleep(0.05)
-    return proc, int(ready.read_text().split()[0])
+def serve(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    sidecar = start_sidecar(tmp_path, *extra, log=subprocess.PIPE)
+    return sidecar.proc, sidecar.grpc_port
+
+
+def stopped(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """SIGTERM, then everything the sidecar logged."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return out.decode()
 
 
 def flagged_batches():  # type: ignore[no-untyped-def]
@@ -77,8 +58,7 @@ def test_embedded_redis_by_default_and_graceful_sigterm(tmp_path: Path) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert r.xrange("misalign:flagged")[0][1]["request_id"] == "r-1"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    err = stopped(proc, 30)
     assert proc.returncode == 0, err
     assert "started embedded redis-server" in err
     assert "shutting down" in err and "stopped in" in err
@@ -94,8 +74,7 @@ def test_sigterm_flushes_samples_buffered_while_redis_was_away(tmp_path: Path) -
         server.stop()
         assert send(port, flagged_batches()).finished == 1
         server.start()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = stopped(proc, 60)
         assert proc.returncode == 0, err
         assert [e[1]["request_id"] for e in server.client().xrange("misalign:flagged")] == ["r-1"]
     finally:
