@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,9 +35,11 @@ import grpc  # noqa: E402
 from bench.synthetic import synthetic_bundle  # noqa: E402
 from detectors import bundle as bundle_io  # noqa: E402
 from detectors.bundle import ModelRef  # noqa: E402
+from service.embedded_redis import EmbeddedRedis  # noqa: E402
 from service.ingest import encode_step  # noqa: E402
 from service.rpc import monitor_pb2 as pb  # noqa: E402
 from service.rpc import monitor_pb2_grpc as pb_grpc  # noqa: E402
+from service.sidecar_process import start_sidecar  # noqa: E402
 
 GOAL = {"rows_per_s": 500_000, "requests_per_s": 5_000, "p99_ms": 20.0}
 H100_TOKENS_PER_S = 30_000
@@ -201,75 +202,32 @@ def main() -> int:
         b, args.requests, args.lifetime, args.prefill, args.paced_steps, prefix="p"
     )
 
-    redis_bin = shutil.which("redis-server")
-    assert redis_bin, "needs redis-server"
-    sock = work / "redis.sock"
-    redis_proc = subprocess.Popen(
-        [
-            redis_bin,
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(work),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    while not sock.exists():
-        time.sleep(0.02)
-    ready = work / "ready"
-    pin = ["taskset", "-c", "0"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
-    sidecar = subprocess.Popen(
-        [
-            *pin,
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--bundle",
-            str(b.path),
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--redis-url",
-            f"unix://{sock}",
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**os.environ, "MISALIGN_STATE_DIR": str(work / "state")},
-    )
+    redis = EmbeddedRedis(work / "redis")  # a real redis-server of the bench's own
+    redis_url = redis.start()
+    pin = [0] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else None
+    try:
+        sidecar = start_sidecar(work, "--bundle", str(b.path), "--redis-url", redis_url, cpus=pin)
+    except BaseException:
+        redis.stop()
+        raise
     if pin:
         os.sched_setaffinity(0, {1})
     try:
-        while not ready.exists() or not ready.read_text().strip():
-            assert sidecar.poll() is None, "sidecar exited"
-            time.sleep(0.05)
-        port = int(ready.read_text().split()[0])
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channel = grpc.insecure_channel(sidecar.address)
         ingest = channel.stream_unary(
             "/misalign.v1.Monitor/Ingest",
             request_serializer=None,
             response_deserializer=pb.IngestSummary.FromString,
         )
-        probe_stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        probe_stub = pb_grpc.MonitorStub(grpc.insecure_channel(sidecar.address))
         full = run_phase(ingest, probe_stub, sidecar.pid, steps, rate=None)
         paced = run_phase(
             ingest, probe_stub, sidecar.pid, paced_steps, rate=args.paced_rate, probe_every=2
         )
         rss = proc_rss_mb(sidecar.pid)
     finally:
-        sidecar.terminate()
-        sidecar.wait(30)
-        redis_proc.terminate()
+        sidecar.stop(30)
+        redis.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     result = {

@@ -25,11 +25,7 @@ def project(bundle: Bundle, acts: np.ndarray) -> np.ndarray:
 
 def token_scores(bundle: Bundle, projections: np.ndarray) -> np.ndarray:
     """Per-token feature scores ``[t, k]`` from raw projections ``[t, k]``."""
-    pre = np.asarray(projections, np.float32) + bundle.bias
-    jump = np.array([f.kind == "jumprelu" for f in bundle.spec.features])
-    if jump.any():
-        pre = np.where(jump & (pre <= bundle.jump_threshold), np.float32(0), pre)
-    return pre
+    return Scorer(bundle).token_scores(projections)
 
 
 def rolling_max_means(x: np.ndarray, window: int) -> np.ndarray:
@@ -70,53 +66,197 @@ def _jsonable(v: object) -> object:
     return v
 
 
-def score_request(bundle: Bundle, scores: np.ndarray, roles: np.ndarray) -> list[FeatureScore]:
-    """One ``FeatureScore`` per feature from token scores ``[t, k]`` and roles ``[t]``.
-
-    Vectorised over features: each span's mean and each (span, window) rolling max is computed
-    once for all k columns.
-    """
-    roles = np.asarray(roles)
-    scores = np.asarray(scores)
-    spans = {
-        "prompt": scores[roles == PROMPT],
-        "response": scores[roles == RESPONSE],
-        "all": scores,
-    }
-    means: dict[str, np.ndarray] = {}
-    rolls: dict[tuple[str, int], np.ndarray] = {}
-
-    def mean(span: str) -> np.ndarray:
-        if span not in means:
-            x = spans[span]
-            means[span] = (
-                x.mean(axis=0, dtype=np.float64) if len(x) else np.full(len(bundle.bias), np.nan)
-            )
-        return means[span]
-
-    def roll(span: str, window: int) -> np.ndarray:
-        if (span, window) not in rolls:
-            rolls[span, window] = rolling_max_means(spans[span], window)
-        return rolls[span, window]
-
-    prompt_mean, response_mean = mean("prompt"), mean("response")
-    out = []
-    for i, f in enumerate(bundle.spec.features):
-        agg = f.aggregation
-        s = float((mean(agg.span) if agg.reduce == "mean" else roll(agg.span, agg.window))[i])
-        cal = f.calibration
-        thr = cal.threshold if cal else None
-        finite = s == s  # not NaN
-        out.append(
-            FeatureScore(
-                name=f.name,
-                score=s,
-                prompt_mean=float(prompt_mean[i]),
-                response_mean=float(response_mean[i]),
-                response_max_rolling=float(roll("response", agg.window)[i]),
-                threshold=thr,
-                z=(s - cal.baseline_mean) / cal.baseline_std if cal and finite else None,
-                flagged=bool(thr is not None and finite and s > thr),
-            )
-        )
+def _segment_sums(x: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Float64 column sums of ``x [n, k]`` over the row segments that tile it in order; each
+    segment summed on its own, so a request's sums do not depend on the others in its batch.
+    Empty segments sum to 0."""
+    full = lengths > 0
+    if full.all():
+        # reduceat sums from each index to the next one given, the last to the end of x
+        return np.add.reduceat(x, starts, axis=0, dtype=np.float64)
+    out = np.zeros((len(starts), x.shape[1]))
+    if full.any():
+        out[full] = np.add.reduceat(x, starts[full], axis=0, dtype=np.float64)
     return out
+
+
+def _segment_means(x: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty segment's mean is NaN
+        return _segment_sums(x, offsets[:-1], lengths) / lengths[:, None]
+
+
+def _segment_rolling_max(
+    x: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, window: int
+) -> np.ndarray:
+    """``rolling_max_means`` of each row segment ``x[offsets[i]:offsets[i + 1]]``, all at once."""
+    out = _segment_means(x, offsets, lengths)
+    long = lengths > window
+    if long.any():
+        c = np.zeros((len(x) + 1, x.shape[1]))
+        np.cumsum(x, axis=0, dtype=np.float64, out=c[1:])
+        sums = c[window:] - c[:-window]  # sums[j]: the window starting at row j
+        # a window counts only inside a segment longer than it (a shorter one takes its mean)
+        seg_end = np.where(long, offsets[1:], -1).repeat(lengths)[: len(sums)]
+        sums[np.arange(window, len(sums) + window) > seg_end] = -np.inf
+        out[long] = np.maximum.reduceat(sums, offsets[:-1][long], axis=0) / window
+    return out
+
+
+@dataclass(frozen=True)
+class RequestScores:
+    """Scores of r requests scored together: ``[r, k]`` arrays, one row per request."""
+
+    names: list[str]
+    score: np.ndarray
+    prompt_mean: np.ndarray
+    response_mean: np.ndarray
+    response_max_rolling: np.ndarray
+    threshold: np.ndarray  # [k], NaN where a feature has no calibration
+    z: np.ndarray  # NaN where there is no calibration or no score
+    flagged: np.ndarray  # bool
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def features(self, i: int) -> list[FeatureScore]:
+        """Request ``i`` as one ``FeatureScore`` per feature."""
+
+        def opt(x: float) -> float | None:
+            return None if x != x else x
+
+        return [
+            FeatureScore(
+                name=name,
+                score=s,
+                prompt_mean=pm,
+                response_mean=rm,
+                response_max_rolling=rr,
+                threshold=opt(t),
+                z=opt(z),
+                flagged=f,
+            )
+            for name, s, pm, rm, rr, t, z, f in zip(
+                self.names,
+                self.score[i].tolist(),
+                self.prompt_mean[i].tolist(),
+                self.response_mean[i].tolist(),
+                self.response_max_rolling[i].tolist(),
+                self.threshold.tolist(),
+                self.z[i].tolist(),
+                self.flagged[i].tolist(),
+                strict=True,
+            )
+        ]
+
+
+class Scorer:
+    """A bundle's scoring, with what depends only on the bundle worked out once: which aggregate
+    each feature is scored on, thresholds and baselines as arrays."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        feats = bundle.spec.features
+        self.names = bundle.feature_names
+        k = len(feats)
+        self.bias = np.asarray(bundle.bias, np.float32)
+        jump = np.array([f.kind == "jumprelu" for f in feats], bool)
+        self.jump = jump if jump.any() else None
+        self.jump_threshold = np.asarray(bundle.jump_threshold, np.float32)
+        self.threshold = np.full(k, np.nan)
+        self.base_mean, self.base_std = np.full(k, np.nan), np.full(k, np.nan)
+        by_score: dict[tuple[str, str, int], list[int]] = {}
+        by_window: dict[int, list[int]] = {}
+        for i, f in enumerate(feats):
+            agg = f.aggregation
+            window = agg.window if agg.reduce != "mean" else 0
+            by_score.setdefault((agg.span, agg.reduce, window), []).append(i)
+            by_window.setdefault(agg.window, []).append(i)
+            if f.calibration is not None:
+                self.threshold[i] = f.calibration.threshold
+                self.base_mean[i] = f.calibration.baseline_mean
+                self.base_std[i] = f.calibration.baseline_std
+        self.score_groups = [(key, np.array(cols)) for key, cols in by_score.items()]
+        self.window_groups = [(w, np.array(cols)) for w, cols in by_window.items()]
+
+    def token_scores(self, projections: np.ndarray) -> np.ndarray:
+        pre = np.asarray(projections, np.float32) + self.bias
+        if self.jump is not None:
+            pre = np.where(self.jump & (pre <= self.jump_threshold), np.float32(0), pre)
+        return pre
+
+    def score(self, scores: np.ndarray, roles: np.ndarray, offsets: np.ndarray) -> RequestScores:
+        """Score r requests at once from token scores ``[n, k]`` and roles ``[n]`` of all their
+        rows, request i holding rows ``offsets[i]:offsets[i + 1]``.
+
+        Vectorised over features and requests: each span's mean and each (span, window) rolling
+        max is computed once for all k columns and all r requests.
+        """
+        scores = np.asarray(scores)
+        roles = np.asarray(roles)
+        offsets = np.asarray(offsets, np.int64)
+        lengths = offsets[1:] - offsets[:-1]
+        r = len(lengths)
+        seg: np.ndarray | None = None
+        spans: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
+            "all": (scores, offsets, lengths)
+        }
+
+        def span(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """The span's rows, still grouped by request, their offsets and counts."""
+            nonlocal seg
+            if name not in spans:
+                if seg is None:
+                    seg = np.arange(r).repeat(lengths)
+                keep = roles == (PROMPT if name == "prompt" else RESPONSE)
+                n = np.bincount(seg[keep], minlength=r)
+                off = np.zeros(r + 1, np.int64)
+                n.cumsum(out=off[1:])
+                spans[name] = (scores[keep], off, n)
+            return spans[name]
+
+        cache: dict[tuple[str, str, int], np.ndarray] = {}
+
+        def aggregate(name: str, reduce: str, window: int) -> np.ndarray:
+            key = (name, reduce, window)
+            if key not in cache:
+                x, off, n = span(name)
+                cache[key] = (
+                    _segment_means(x, off, n)
+                    if reduce == "mean"
+                    else _segment_rolling_max(x, off, n, window)
+                )
+            return cache[key]
+
+        def by_column(groups: list[tuple[tuple[str, str, int], np.ndarray]]) -> np.ndarray:
+            if len(groups) == 1:
+                return aggregate(*groups[0][0])
+            out = np.empty((r, len(self.names)))
+            for key, cols in groups:
+                out[:, cols] = aggregate(*key)[:, cols]
+            return out
+
+        score = by_column(self.score_groups)
+        rolling = by_column(
+            [(("response", "max_rolling_mean", w), cols) for w, cols in self.window_groups]
+        )
+        return RequestScores(
+            names=self.names,
+            score=score,
+            prompt_mean=aggregate("prompt", "mean", 0),
+            response_mean=aggregate("response", "mean", 0),
+            response_max_rolling=rolling,
+            threshold=self.threshold,
+            z=(score - self.base_mean) / self.base_std,
+            flagged=score > self.threshold,  # False where either is NaN
+        )
+
+
+def score_requests(
+    bundle: Bundle, scores: np.ndarray, roles: np.ndarray, offsets: np.ndarray
+) -> RequestScores:
+    """Score r requests at once (see ``Scorer.score``)."""
+    return Scorer(bundle).score(scores, roles, offsets)
+
+
+def score_request(bundle: Bundle, scores: np.ndarray, roles: np.ndarray) -> list[FeatureScore]:
+    """One ``FeatureScore`` per feature from token scores ``[t, k]`` and roles ``[t]``."""
+    return score_requests(bundle, scores, roles, np.array([0, len(scores)])).features(0)

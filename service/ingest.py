@@ -5,13 +5,12 @@ A batch is checked whole before any of it is applied, so a malformed batch chang
 
 from __future__ import annotations
 
-import time
+import itertools
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from detectors.bundle import Bundle
 from service.rpc import monitor_pb2 as pb
 
 
@@ -42,7 +41,8 @@ def _u32(data: bytes, field: str) -> np.ndarray:
 
 
 def decode_rows(
-    bundle: Bundle,
+    loaded_id: str,
+    loaded_k: int,
     bundle_id: str,
     k: int,
     projections: bytes,
@@ -52,13 +52,15 @@ def decode_rows(
     request_ids: list[str] | None = None,
     offsets: list[int] | np.ndarray | None = None,
 ) -> Rows:
-    if bundle_id and bundle_id != bundle.bundle_id:
+    """Check and decode rows against the loaded bundle's id and width (passed in, not read off
+    the bundle: ``Bundle.bundle_id`` hashes the whole bundle on each use)."""
+    if bundle_id and bundle_id != loaded_id:
         raise BadInput(
             "unknown_bundle",
-            f"bundle_id {bundle_id!r} is not the loaded bundle {bundle.bundle_id!r}",
+            f"bundle_id {bundle_id!r} is not the loaded bundle {loaded_id!r}",
         )
-    if k != bundle.k:
-        raise BadInput("wrong_width", f"k is {k}, the loaded bundle has {bundle.k} features")
+    if k != loaded_k:
+        raise BadInput("wrong_width", f"k is {k}, the loaded bundle has {loaded_k} features")
     n = len(is_response)
     tok = _u32(token_ids, "token_ids")
     if len(tok) != n:
@@ -72,10 +74,11 @@ def decode_rows(
             f"projections has {len(projections)} bytes, expected rows x k x 4 = {n} x {k} x 4",
         )
     roles = np.frombuffer(is_response, dtype=np.int8)
-    if n and (roles.max() > 1 or roles.min() < 0):
+    if n and roles.view(np.uint8).max() > 1:
         raise BadInput("bad_role", "is_response bytes must be 0 (prompt) or 1 (response)")
     proj = np.frombuffer(projections, dtype="<f4").reshape(n, k)
-    if not np.isfinite(proj).all():
+    # one pass, no temporary: a float64 sum of float32 values overflows only on inf or NaN
+    if not np.isfinite(proj.sum(dtype=np.float64)):
         bad = int(np.argwhere(~np.isfinite(proj))[0][0])
         raise BadInput("non_finite", f"projections row {bad} holds NaN or infinite values")
     ids = request_ids if request_ids is not None else [""]
@@ -85,7 +88,7 @@ def decode_rows(
             "row_count",
             f"row_offsets has {len(off)} entries, expected len(request_ids) + 1 = {len(ids) + 1}",
         )
-    if off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 0):
+    if off[0] != 0 or off[-1] != n or (off[1:] < off[:-1]).any():
         raise BadInput(
             "row_count",
             f"row_offsets must rise from 0 to the row count {n}, got {off[0]}..{off[-1]}",
@@ -95,9 +98,10 @@ def decode_rows(
     return Rows(ids, off, np.stack([pos, tok, roles.astype(np.int64)], axis=1), proj)
 
 
-def decode_batch(bundle: Bundle, msg: pb.StepBatch) -> Rows:
+def decode_batch(loaded_id: str, loaded_k: int, msg: pb.StepBatch) -> Rows:
     return decode_rows(
-        bundle,
+        loaded_id,
+        loaded_k,
         msg.bundle_id,
         msg.k,
         msg.projections,
@@ -109,106 +113,284 @@ def decode_batch(bundle: Bundle, msg: pb.StepBatch) -> Rows:
     )
 
 
-@dataclass
-class RequestState:
-    """Rows of one request in growable buffers, so a step costs two copies, not new arrays."""
+@dataclass(frozen=True)
+class Gathered:
+    """The rows of requests finished together, request i holding rows ``offsets[i]:offsets[i+1]``,
+    each request's rows in position order."""
 
-    k: int
-    n: int = 0
-    last_seen: float = field(default_factory=time.monotonic)
-    meta: np.ndarray = field(
-        default_factory=lambda: np.empty((16, 3), np.int64)
-    )  # pos, token, role
-    proj: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.proj = np.empty((16, self.k), np.float32)
-
-    def append(self, rows: Rows, s: int, e: int, now: float) -> None:
-        need = self.n + e - s
-        if need > len(self.meta):
-            cap = max(need, 2 * len(self.meta))
-            meta, proj = np.empty((cap, 3), np.int64), np.empty((cap, self.k), np.float32)
-            meta[: self.n], proj[: self.n] = self.meta[: self.n], self.proj[: self.n]
-            self.meta, self.proj = meta, proj
-        self.meta[self.n : need] = rows.meta[s:e]
-        self.proj[self.n : need] = rows.projections[s:e]
-        self.n = need
-        self.last_seen = now
-
-    def ordered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Token ids, roles and projections by position; a position seen twice (recomputed after
-        preemption) keeps its last write."""
-        meta, proj = self.meta[: self.n], self.proj[: self.n]
-        pos = meta[:, 0]
-        if self.n > 1 and np.any(np.diff(pos) <= 0):
-            # the last occurrence of each position: unique on the reversed array
-            _, first_in_rev = np.unique(pos[::-1], return_index=True)
-            idx = self.n - 1 - first_in_rev
-            meta, proj = meta[idx], proj[idx]
-        return meta[:, 1], meta[:, 2].astype(np.int8), proj
+    request_ids: list[str]
+    offsets: np.ndarray  # [r + 1]
+    token_ids: np.ndarray  # [n] int64
+    roles: np.ndarray  # [n] int8
+    projections: np.ndarray  # [n, k] float32
 
 
 class RequestStore:
-    """Per-request state, bounded in count, length and age."""
+    """Per-request rows in a paged pool, bounded in count, length and age.
 
-    def __init__(self, k: int, max_requests: int, max_tokens: int, timeout_s: float) -> None:
+    Each step's rows are scattered into fixed-size pages with a few numpy operations for the
+    whole step, whatever the number of requests in it: a request holds a chain of pages
+    (``_next``), and only a step that brings a new request runs Python code for it. A request's
+    rows are gathered from its chain when it finishes and its pages go back to the free list.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        max_requests: int,
+        max_tokens: int,
+        timeout_s: float,
+        page_rows: int = 16,
+        max_rows: int | None = None,
+    ) -> None:
         self.k = k
         self.max_requests = max_requests
+        # Rows held at once across requests: the memory bound (max_requests x max_tokens is far
+        # above what a server can hold).
+        self.max_rows = max_rows if max_rows is not None else max_requests * max_tokens
+        self._rows = 0
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
-        self._live: OrderedDict[str, RequestState] = OrderedDict()
+        self.page = page_rows
+        self._slot: dict[str, int] = {}  # live request id -> slot
+        self._ids: list[str | None] = []  # slot -> request id
+        self._free_slots: list[int] = []
+        # per slot
+        self._count = np.zeros(0, np.int64)
+        self._head = np.zeros(0, np.int64)
+        self._tail = np.zeros(0, np.int64)
+        self._seen = np.zeros(0, np.float64)
+        # the pool, by page; row r of page p is pool row p * page + r
+        self._next = np.zeros(0, np.int64)  # next page of the same request, -1 at the end
+        self._free = np.zeros(0, np.int64)  # free page ids, a stack of _nfree
+        self._nfree = 0
+        self._meta = np.zeros((0, 3), np.int64)  # position, token id, role
+        self._proj = np.zeros((0, k), np.float32)
         self._finished: OrderedDict[str, None] = OrderedDict()  # recent ids, to spot duplicates
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._slot)
+
+    @property
+    def pool_rows(self) -> int:
+        """Rows the pool holds room for (grows to the peak of live rows, in whole pages)."""
+        return len(self._meta)
+
+    def _new_slot(self, rid: str) -> int:
+        if not self._free_slots:
+            n = len(self._ids)
+            grow = max(n, 64)
+            self._ids.extend([None] * grow)
+            self._free_slots = list(range(n + grow - 1, n - 1, -1))
+            self._count = np.r_[self._count, np.zeros(grow, np.int64)]
+            self._head = np.r_[self._head, np.full(grow, -1, np.int64)]
+            self._tail = np.r_[self._tail, np.full(grow, -1, np.int64)]
+            self._seen = np.r_[self._seen, np.zeros(grow)]
+        slot = self._free_slots.pop()
+        self._ids[slot] = rid
+        self._slot[rid] = slot
+        return slot
+
+    def _take_pages(self, n: int) -> np.ndarray:
+        if n > self._nfree:
+            have = len(self._next)
+            grow = max(have, n - self._nfree, 64)
+            self._next = np.r_[self._next, np.full(grow, -1, np.int64)]
+            self._meta = np.concatenate([self._meta, np.empty((grow * self.page, 3), np.int64)])
+            self._proj = np.concatenate(
+                [self._proj, np.empty((grow * self.page, self.k), np.float32)]
+            )
+            free = np.empty(len(self._free) + grow, np.int64)
+            free[: self._nfree] = self._free[: self._nfree]
+            free[self._nfree : self._nfree + grow] = np.arange(have + grow - 1, have - 1, -1)
+            self._free, self._nfree = free, self._nfree + grow
+        self._nfree -= n
+        return self._free[self._nfree : self._nfree + n].copy()
+
+    def _pages(self, slot: int) -> list[int]:
+        pages = []
+        p = int(self._head[slot])
+        nxt = self._next
+        while p >= 0:
+            pages.append(p)
+            p = int(nxt[p])
+        return pages
+
+    def _release(self, slots: list[int], freed: np.ndarray) -> None:
+        for slot in slots:
+            rid = self._ids[slot] or ""
+            if self._slot.get(rid) == slot:  # still live: expired, not finished
+                del self._slot[rid]
+            self._ids[slot] = None
+            self._free_slots.append(slot)
+        idx = np.asarray(slots, np.int64)
+        self._rows -= int(self._count[idx].sum())
+        self._count[idx] = 0
+        self._head[idx] = self._tail[idx] = -1
+        self._next[freed] = -1
+        self._free[self._nfree : self._nfree + len(freed)] = freed
+        self._nfree += len(freed)
 
     def add(self, rows: Rows, now: float) -> dict[str, int]:
         """Append a batch's rows; returns rows dropped by reason (capacity, length, late)."""
         dropped: dict[str, int] = {}
-        live = self._live
-        off = rows.offsets
-        for i, rid in enumerate(rows.request_ids):
-            s, e = int(off[i]), int(off[i + 1])
-            if s == e:
-                continue
-            st = live.get(rid)
-            if st is None:
-                if rid in self._finished:
-                    dropped["after_finish"] = dropped.get("after_finish", 0) + e - s
-                    continue
-                if len(live) >= self.max_requests:
-                    dropped["capacity"] = dropped.get("capacity", 0) + e - s
-                    continue
-                st = live[rid] = RequestState(self.k)
+        ids = rows.request_ids
+        lens = np.diff(rows.offsets)
+        slots = np.fromiter(map(self._slot.get, ids, itertools.repeat(-1)), np.int64, len(ids))
+        for i in np.nonzero((slots < 0) & (lens > 0))[0].tolist():
+            rid, m = ids[i], int(lens[i])
+            if rid in self._finished:
+                dropped["after_finish"] = dropped.get("after_finish", 0) + m
+            elif len(self._slot) >= self.max_requests:
+                dropped["capacity"] = dropped.get("capacity", 0) + m
+            elif m > self.max_tokens:
+                dropped["too_long"] = dropped.get("too_long", 0) + m
             else:
-                live.move_to_end(rid)
-            if st.n + (e - s) > self.max_tokens:
-                dropped["too_long"] = dropped.get("too_long", 0) + e - s
-                continue
-            st.append(rows, s, e, now)
+                slots[i] = self._new_slot(rid)
+        keep = (slots >= 0) & (lens > 0)
+        if not keep.any():  # also: no slot exists yet to index below
+            return dropped
+        c0 = self._count[np.where(keep, slots, 0)]
+        too_long = keep & (c0 + lens > self.max_tokens)
+        if too_long.any():
+            dropped["too_long"] = dropped.get("too_long", 0) + int(lens[too_long].sum())
+            keep &= ~too_long
+        over = keep & (np.cumsum(np.where(keep, lens, 0)) > self.max_rows - self._rows)
+        if over.any():
+            dropped["capacity"] = dropped.get("capacity", 0) + int(lens[over].sum())
+            keep &= ~over
+        if not keep.any():
+            return dropped
+        if keep.all():
+            sl, ln, src0 = slots, lens, rows.offsets[:-1]
+        else:
+            sl, ln, c0, src0 = slots[keep], lens[keep], c0[keep], rows.offsets[:-1][keep]
+        self._scatter(rows, sl, ln, c0, src0)
+        self._seen[sl] = now
         return dropped
 
-    def finish(self, rid: str) -> RequestState | str | None:
-        """The finished request's state, or a reason string: 'unknown' or 'duplicate'."""
-        st = self._live.pop(rid, None)
-        if st is None:
-            return "duplicate" if rid in self._finished else "unknown"
-        self._finished[rid] = None
+    def _scatter(
+        self, rows: Rows, sl: np.ndarray, ln: np.ndarray, c0: np.ndarray, src0: np.ndarray
+    ) -> None:
+        """Write segment i of ``rows`` (``ln[i]`` rows from ``src0[i]``) after the ``c0[i]`` rows
+        slot ``sl[i]`` holds: first into the free end of its last page, then into new pages."""
+        P = self.page
+        room = (-c0) % P  # free rows in the last page (0 when there is none)
+        extra = (c0 + ln + P - 1) // P - (c0 + P - 1) // P  # new pages per segment
+        total = int(extra.sum())
+        first_new = np.cumsum(extra) - extra  # segment i's new pages: new[first_new[i]:...]
+        if total:
+            new = self._take_pages(total)
+            has = extra > 0
+            # chain the new pages of each segment, then hang them after its last page
+            nxt = np.empty_like(new)
+            nxt[:-1] = new[1:]
+            last_new = first_new[has] + extra[has] - 1
+            nxt[last_new] = -1
+            self._next[new] = nxt
+            hs, fn = sl[has], new[first_new[has]]
+            tail = self._tail[hs]
+            cont = tail >= 0
+            self._next[tail[cont]] = fn[cont]
+            self._head[hs[~cont]] = fn[~cont]
+            old_tail = self._tail[sl]
+            self._tail[hs] = new[last_new]
+        else:
+            new = np.zeros(1, np.int64)
+            old_tail = self._tail[sl]
+        n = int(ln.sum())
+        starts = np.cumsum(ln) - ln
+        within = np.arange(n) - np.repeat(starts, ln)
+        q = within - np.repeat(room, ln)  # < 0: the old last page; else rows into new pages
+        in_old = q < 0
+        qn = np.where(in_old, 0, q)
+        page = np.where(
+            in_old,
+            np.repeat(old_tail, ln),
+            new[np.minimum(np.repeat(first_new, ln) + qn // P, len(new) - 1)],
+        )
+        dst = page * P + np.where(in_old, P + q, qn % P)
+        if n == len(rows.meta):
+            self._meta[dst] = rows.meta
+            self._proj[dst] = rows.projections
+        else:
+            src = np.repeat(src0, ln) + within
+            self._meta[dst] = rows.meta[src]
+            self._proj[dst] = rows.projections[src]
+        self._count[sl] = c0 + ln
+        self._rows += int(ln.sum())
+
+    def finish(self, rids: list[str]) -> tuple[list[int], list[str | None]]:
+        """Close requests: from now on their rows are refused (``after_finish``) and they never
+        expire; their rows stay where they are until ``gather``.
+
+        Returns the slots of those that were live, and per id None when closed, else the
+        reason it was not: 'unknown' or 'duplicate'."""
+        slots: list[int] = []
+        reasons: list[str | None] = []
+        for rid in rids:
+            slot = self._slot.pop(rid, None)
+            if slot is None:
+                reasons.append("duplicate" if rid in self._finished else "unknown")
+                continue
+            reasons.append(None)
+            slots.append(slot)
+            self._finished[rid] = None
+        self._seen[slots] = np.inf
         while len(self._finished) > 4 * self.max_requests:
             self._finished.popitem(last=False)
-        return st
+        return slots, reasons
+
+    def gather(self, slots: list[int]) -> Gathered:
+        """The rows of closed requests, each by position; frees their pages and slots."""
+        P = self.page
+        rids = [self._ids[s] or "" for s in slots]
+        chains = [self._pages(s) for s in slots]
+        pages = np.fromiter(itertools.chain.from_iterable(chains), np.int64)
+        counts = self._count[slots]
+        off = np.zeros(len(slots) + 1, np.int64)
+        counts.cumsum(out=off[1:])
+        # rows filled in each page: P, except in a request's last page
+        npages = np.fromiter(map(len, chains), np.int64, len(chains))
+        rank = np.arange(len(pages)) - (npages.cumsum() - npages).repeat(npages)
+        filled = np.minimum(counts.repeat(npages) - rank * P, P)
+        idx = (pages[:, None] * P + np.arange(P))[np.arange(P) < filled[:, None]]
+        meta, proj = self._meta[idx], self._proj[idx]
+        self._release(slots, pages)
+        pos = meta[:, 0]
+        d = np.diff(pos)
+        d[off[1:-1] - 1] = 1  # a request boundary is not a repeat
+        if len(d) and (d <= 0).any():
+            meta, proj, off = _last_write_wins(meta, proj, off)
+        return Gathered(rids, off, meta[:, 1], meta[:, 2].astype(np.int8), proj)
 
     def expire(self, now: float) -> int:
-        """Drop requests idle past the timeout (least recently updated first)."""
-        n = 0
-        while self._live:
-            rid, st = next(iter(self._live.items()))
-            if now - st.last_seen < self.timeout_s:
-                break
-            del self._live[rid]
-            n += 1
-        return n
+        """Drop requests idle past the timeout (closed ones wait for ``gather``, never here)."""
+        live = np.nonzero(self._head >= 0)[0]
+        stale = live[now - self._seen[live] >= self.timeout_s].tolist()
+        if stale:
+            pages = itertools.chain.from_iterable(self._pages(s) for s in stale)
+            self._release(stale, np.fromiter(pages, np.int64))
+        return len(stale)
+
+
+def _last_write_wins(
+    meta: np.ndarray, proj: np.ndarray, off: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per request, rows by position; a position seen twice (recomputed after preemption) keeps
+    its last write."""
+    parts, new_off = [], [0]
+    for s, e in zip(off[:-1].tolist(), off[1:].tolist(), strict=True):
+        pos = meta[s:e, 0]
+        if e - s > 1 and (np.diff(pos) <= 0).any():
+            # the last occurrence of each position: unique on the reversed rows
+            _, first_in_rev = np.unique(pos[::-1], return_index=True)
+            parts.append(s + (e - s - 1 - first_in_rev))
+        else:
+            parts.append(np.arange(s, e))
+        new_off.append(new_off[-1] + len(parts[-1]))
+    idx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return meta[idx], proj[idx], np.asarray(new_off, np.int64)
 
 
 def encode_step(
