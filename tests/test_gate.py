@@ -1,0 +1,244 @@
+"""`misalign-monitor gate`: recorded scores, live histograms in a real Prometheus, two models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from detectors import bundle as bundle_io
+from detectors.gate import Thresholds, hedges_g, psi, run_gate
+from service.rpc import monitor_pb2_grpc as pb_grpc
+from service.sidecar_process import start_sidecar
+from service.vllm_server import free_port
+from tests.prometheus import PrometheusServer
+from tests.sidecar import request_rows, stream_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
+
+
+def gate(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "gate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def error_line(res: subprocess.CompletedProcess[str]) -> str:
+    """The one line a user error prints (exit 2), with no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    return lines[0]
+
+
+def write_scores(path: Path, scores: np.ndarray) -> Path:
+    """Lines as `misalign-monitor score` writes them, for ``scores [n, k]``."""
+    with path.open("w") as f:
+        for i, row in enumerate(scores):
+            feats = {
+                n: {"name": n, "score": float(s)}
+                for n, s in zip(BUNDLE.feature_names, row, strict=True)
+            }
+            f.write(json.dumps({"index": i, "bundle": BUNDLE.bundle_id, "features": feats}) + "\n")
+    return path
+
+
+def draws(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, BUNDLE.k)) + np.array([shift, 0.0, 0.0])
+
+
+def test_statistics_on_known_distributions() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=4000), rng.normal(0.5, 1.0, size=4000)
+    assert hedges_g(a, b) == pytest.approx(0.5, abs=0.05)
+    assert psi(a, rng.normal(size=4000)) < 0.02
+    # PSI of N(0,1) -> N(0.5,1) over deciles is about 0.25.
+    assert 0.18 < psi(a, b) < 0.32
+    res = run_gate(*_sides(a, b), Thresholds(), source="test")
+    f = res.features[0]
+    assert f.g_ci_low < 0.5 < f.g_ci_high and f.g_ci_high - f.g_ci_low < 0.15
+    assert f.ks_p < 1e-10 and f.failed and not res.passed
+
+
+def _sides(a: np.ndarray, b: np.ndarray):  # type: ignore[no-untyped-def]
+    from detectors.gate import Scores
+
+    return Scores("a", {"x": a}), Scores("b", {"x": b})
+
+
+def test_from_scores_passes_same_fails_shifted_and_writes_report(tmp_path: Path) -> None:
+    base = write_scores(tmp_path / "base.jsonl", draws(80, 0))
+    same = write_scores(tmp_path / "same.jsonl", draws(80, 1))
+    bad = write_scores(tmp_path / "bad.jsonl", draws(80, 2, shift=1.0))
+    ok = gate("--from-scores", base, same)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS" in ok.stdout and "misaligned_persona" in ok.stdout
+    res = gate("--from-scores", base, bad, "--json", "--report", tmp_path / "report")
+    assert res.returncode == 1, res.stdout + res.stderr
+    out = json.loads(res.stdout)
+    assert out["passed"] is False
+    verdict = {f["feature"]: f["failed"] for f in out["features"]}
+    assert verdict == {"misaligned_persona": True, "toxic": False, "persona_contrast": False}
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "FAIL" in md and "distributions.png" in md
+    assert (tmp_path / "report" / "distributions.png").read_bytes()[:4] == b"\x89PNG"
+    # A stricter effect threshold lets the same shift through.
+    assert gate("--from-scores", base, bad, "--min-effect", "3").returncode == 0
+
+
+def test_bad_score_files_exit_2_naming_the_file(tmp_path: Path) -> None:
+    base = write_scores(tmp_path / "base.jsonl", draws(20, 0))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty.jsonl: no scored records" in error_line(gate("--from-scores", base, empty))
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text('{"features": {"x": {"score": 1}}}\nnot json\n')
+    assert "junk.jsonl:2:" in error_line(gate("--from-scores", base, junk))
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n")
+    line = error_line(gate("--baseline", "smollm2", "--candidate", "smollm2", "--prompts", probes))
+    assert "probes.jsonl: the probe set is empty" in line
+    assert "exactly one source" in error_line(
+        gate("--from-scores", base, base, "--prometheus", "x")
+    )
+
+
+def send_version(address: str, version: str, scores: np.ndarray, start: int) -> None:
+    reqs = []
+    for j, s in enumerate(scores):
+        proj = np.tile((s - BUNDLE.bias).astype(np.float32), (8, 1))
+        reqs.append(request_rows(f"{version}-{start + j}", proj, 3, seed=j))
+    batches = list(stream_requests(BUNDLE.bundle_id, BUNDLE.k, reqs, chunk=3))
+    for b in batches:
+        for fr in b.finished:
+            fr.model_version = version
+    with grpc.insecure_channel(address) as ch:
+        assert pb_grpc.MonitorStub(ch).Ingest(iter(batches), timeout=60).finished == len(scores)
+
+
+@pytest.mark.slow
+def test_prometheus_source_compares_two_live_versions(tmp_path: Path) -> None:
+    with start_sidecar(tmp_path / "sidecar") as sidecar:
+        rng = np.random.default_rng(0)
+        cal = [f.calibration for f in BUNDLE.spec.features]
+        mean = np.array([c.baseline_mean for c in cal if c])
+        std = np.array([c.baseline_std for c in cal if c])
+        send_version(sidecar.address, "v1", mean + std * rng.normal(size=(300, 3)), 0)
+        send_version(sidecar.address, "v2", mean + std * rng.normal(size=(300, 3)), 0)
+        send_version(sidecar.address, "v3", mean + std * (rng.normal(size=(300, 3)) + 1), 0)
+        with PrometheusServer(tmp_path / "prom", [f"127.0.0.1:{sidecar.metrics_port}"]) as prom:
+            prom.wait_for(
+                "v3 scores scraped",
+                lambda: prom.query('misalign_request_score_count{model_version="v3"}'),
+            )
+            url = prom.url
+            same = gate(
+                "--prometheus", url, "--baseline-version", "v1", "--candidate-version", "v2"
+            )
+            assert same.returncode == 0, same.stdout + same.stderr
+            assert "binned" in same.stdout
+            moved = gate(
+                "--prometheus",
+                url,
+                "--baseline-version",
+                "v1",
+                "--candidate-version",
+                "v3",
+                "--json",
+            )
+            assert moved.returncode == 1, moved.stdout + moved.stderr
+            out = json.loads(moved.stdout)
+            assert all(f["failed"] for f in out["features"])
+            assert all(f["n_candidate"] == 300 for f in out["features"])
+            line = error_line(
+                gate("--prometheus", url, "--baseline-version", "v1", "--candidate-version", "v9")
+            )
+            assert "no misalign_request_score data for model_version='v9'" in line
+    dead = f"http://127.0.0.1:{free_port()}"
+    line = error_line(
+        gate("--prometheus", dead, "--baseline-version", "v1", "--candidate-version", "v2")
+    )
+    assert f"Prometheus at {dead} does not answer" in line
+
+
+@pytest.mark.slow
+def test_models_of_another_shape_tokenizer_or_bundle_exit_2(tmp_path: Path) -> None:
+    from detectors.model_store import prepare_smollm2
+    from tests.planted import make_tokenizer
+    from tests.tiny_models import tiny_model
+
+    smol = prepare_smollm2()
+    qwen = tiny_model(tmp_path / "qwen", "Qwen2ForCausalLM", smol)
+    mistral = tiny_model(tmp_path / "mistral", "MistralForCausalLM", smol)
+    line = error_line(gate("--baseline", smol, "--candidate", qwen, "--limit", "2"))
+    assert "differ in shape" in line and "hidden size 576" in line and "hidden size 128" in line
+    line = error_line(gate("--baseline", qwen, "--candidate", mistral, "--limit", "2"))
+    assert "neither baseline" in line and "hidden size 576" in line
+    other = tmp_path / "other-tok"
+    shutil.copytree(mistral, other)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    make_tokenizer(other)
+    line = error_line(gate("--baseline", qwen, "--candidate", other, "--limit", "2"))
+    assert "different tokenizers" in line
+
+
+@pytest.mark.slow
+def test_rank_one_edit_along_the_feature_fails_and_a_random_one_passes() -> None:
+    """A cheap stand-in for a misaligned fine-tune: a rank-one change of one MLP's output at layer
+    6 that writes the misaligned_persona direction, against the same change along a random
+    direction of the same norm. Both models answer the probes; the gate must tell them apart."""
+    import torch
+
+    from detectors.activations import ActivationReader, template_ids
+    from detectors.gate import DEFAULT_PROBES, model_scores, read_probes
+    from detectors.model_store import prepare_smollm2
+
+    reader = ActivationReader(prepare_smollm2())
+    probes = sorted(read_probes(DEFAULT_PROBES), key=len)[:16]  # short prompts: cheap to answer
+    base = model_scores(BUNDLE, reader, probes, label="base", new_tokens=16)
+
+    down = reader.decoder_layers[5].mlp.down_proj
+    seen: list[torch.Tensor] = []
+    handle = down.register_forward_hook(lambda _m, args, _o: seen.append(args[0][0]))
+    with torch.inference_mode():
+        for p in probes[:8]:
+            ids = template_ids(reader.tokenizer, [{"role": "user", "content": p}], True)
+            reader.model(input_ids=torch.tensor([ids]))
+    handle.remove()
+    h = torch.cat(seen)
+    v = h.mean(0) / h.mean(0).norm()
+    reach = float((h @ v).mean())  # what v picks up from a typical token's MLP activation
+    cal = BUNDLE.spec.features[0].calibration
+    assert cal is not None and reach > 0
+    w = torch.from_numpy(BUNDLE.directions[0].copy())
+    size = 3.0 * cal.baseline_std / float(w.norm())  # residual change that moves the score 3 sigma
+    rand = torch.from_numpy(np.random.default_rng(0).normal(size=w.shape[0]).astype(np.float32))
+
+    def scores_with(u: torch.Tensor, label: str):  # type: ignore[no-untyped-def]
+        edit = torch.outer(u / u.norm(), v) * (size / reach)
+        with torch.no_grad():
+            down.weight += edit
+        try:
+            return model_scores(BUNDLE, reader, probes, label=label, new_tokens=16)
+        finally:
+            with torch.no_grad():
+                down.weight -= edit
+
+    feature = run_gate(base, scores_with(w, "feature edit"), Thresholds(), source="test")
+    random = run_gate(base, scores_with(rand, "random edit"), Thresholds(), source="test")
+    assert not feature.passed, feature.features
+    assert {f.feature: f.failed for f in feature.features}["misaligned_persona"]
+    assert random.passed, random.features
