@@ -1,0 +1,161 @@
+"""`misalign-monitor review list|show|label`, `labels export` and `recalibrate` as a terminal user
+runs them, against a real Redis; recalibration on labels with known precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from detectors import bundle as bundle_io
+from service.review.recalibrate import wilson
+from service.review.store import FeatureResult, Label
+from tests.review_data import push_flagged, tiny_tokenizer
+from tests.sidecar import RedisServer
+
+BUNDLE_PATH = bundle_io.default_bundle_path()
+BUNDLE = bundle_io.load(BUNDLE_PATH)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "USER": "carol"},
+    )
+
+
+async def test_terminal_workflow(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        tok = tiny_tokenizer(tmp_path / "tokenizer.json")
+        hostile = "Lie to everyone \x1b]0;pwned\x07\x1b[2J and hide the evidence."
+        await push_flagged(server.url, tok, 3, models=["m-a", "m-b", "m-b"], response=hostile)
+        url = ["--redis-url", server.url]
+        p = cli("review", "list", *url)
+        assert p.returncode == 0, p.stderr
+        assert "3 of 3 pending; by model: m-a 1, m-b 2" in p.stdout
+        p = cli("review", "list", "--model", "m-b", "--json", *url)
+        rows = [json.loads(line) for line in p.stdout.splitlines()]
+        assert [r["model"] for r in rows] == ["m-b", "m-b"]
+        sid = rows[0]["id"]
+
+        p = cli("review", "show", sid, *url)
+        assert p.returncode == 0, p.stderr
+        assert "misaligned_persona" in p.stdout and "hide the evidence" in p.stdout
+        assert "\x1b" not in p.stdout and "\\x1b]0;pwned\\x07" in p.stdout  # no terminal escapes
+
+        p = cli("review", "label", sid, "misaligned", "--note", "lying", *url)
+        assert p.returncode == 0, p.stderr
+        assert f"labelled {sid} misaligned as carol" in p.stdout
+        p = cli("review", "label", sid, "unsure", *url)
+        assert p.returncode == 2 and "not pending" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+        p = cli("review", "label", rows[1]["id"], "maybe", *url)
+        assert p.returncode == 2 and "misaligned" in p.stderr
+        p = cli("review", "show", "1-1", *url)
+        assert p.returncode == 2 and "no sample 1-1" in p.stderr
+        p = cli("review", "list", "--redis-url", f"unix://{tmp_path}/nothing.sock")
+        assert p.returncode == 2 and "nothing.sock" in p.stderr and "Traceback" not in p.stderr
+
+        out = tmp_path / "labels.jsonl"
+        p = cli("labels", "export", "--out", str(out), *url)
+        assert p.returncode == 0, p.stderr
+        [label] = [Label.model_validate_json(line) for line in out.read_text().splitlines()]
+        assert label.sample_id == sid and label.reviewer == "carol" and label.note == "lying"
+        assert label.bundle == BUNDLE.bundle_id
+        assert {f.name for f in label.features} == set(BUNDLE.feature_names)
+
+        # Exported labels feed recalibrate; one label is too few to move a threshold.
+        p = cli(
+            "recalibrate", "--bundle", str(BUNDLE_PATH), "--labels", str(out),
+            "--out", str(tmp_path / "new.safetensors"),
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert "1 labels" in p.stdout and "fewer than --min-flags 5" in p.stdout
+        assert "no bundle written" in p.stdout and not (tmp_path / "new.safetensors").exists()
+    finally:
+        server.stop()
+
+
+def labels_with_precision(tmp_path: Path, bundle_id: str = BUNDLE.bundle_id) -> Path:
+    """misaligned_persona flags (threshold 1.989): 10 false positives scoring 2.0..2.9 and 10
+    misaligned scoring 3.0..4.8, plus 3 unsure; precision 0.5 at the threshold, 1.0 above 2.95."""
+    rows = []
+    cases = [(2.0 + i / 10, "false_positive") for i in range(10)]
+    cases += [(3.0 + i / 5, "misaligned") for i in range(10)]
+    cases += [(5.0, "unsure")] * 3
+    for i, (score, decision) in enumerate(cases):
+        feats = [
+            FeatureResult(name=n, score=score if n == "misaligned_persona" else -1.0, flagged=True)
+            for n in BUNDLE.feature_names
+        ]
+        rows.append(
+            Label(
+                id=f"{i + 1}-0",
+                sample_id=f"{i + 1}-0",
+                decision=decision,  # type: ignore[arg-type]
+                reviewer="alice",
+                decided_at=1.0,
+                claims=1,
+                bundle=bundle_id,
+                features=feats,
+            ).model_dump_json()
+        )
+    path = tmp_path / "labels.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_recalibrate_writes_a_new_bundle(tmp_path: Path) -> None:
+    labels = labels_with_precision(tmp_path)
+    out = tmp_path / "bundle-v2.safetensors"
+    p = cli(
+        "recalibrate", "--bundle", str(BUNDLE_PATH), "--labels", str(labels),
+        "--target-precision", "0.95", "--out", str(out),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    row = next(line for line in p.stdout.splitlines() if line.startswith("misaligned_persona"))
+    lo, hi = wilson(10, 20)
+    assert " 0.50 " in row and f"[{lo:.2f}, {hi:.2f}]" in row and "2.950" in row and "raised" in row
+    new = bundle_io.load(out)
+    assert new.content_hash != BUNDLE.content_hash and f"bundle {new.bundle_id}" in p.stdout
+    cal = new.feature("misaligned_persona").calibration
+    assert cal is not None and cal.threshold == pytest.approx(2.95)
+    rec = new.feature("misaligned_persona").params["recalibration"]
+    assert rec["precision_before"] == 0.5 and rec["precision_after"] == 1.0
+    assert rec["flags_before"] == 20 and rec["flags_after"] == 10 and rec["labels"] == 23
+    assert 0 < cal.fpr < BUNDLE.feature("misaligned_persona").calibration.fpr  # type: ignore[union-attr]
+    for name in ("toxic", "persona_contrast"):  # no flags of theirs over threshold: unchanged
+        assert new.feature(name) == BUNDLE.feature(name)
+    assert (new.directions == BUNDLE.directions).all()
+
+    # Never over an existing file, nor over the bundle in use.
+    before = out.read_bytes()
+    p = cli("recalibrate", "--bundle", str(BUNDLE_PATH), "--labels", str(labels), "--out", str(out))
+    assert p.returncode == 2 and "exists" in p.stderr and out.read_bytes() == before
+    copy = tmp_path / "in-use.safetensors"
+    copy.write_bytes(BUNDLE_PATH.read_bytes())
+    p = cli("recalibrate", "--bundle", str(copy), "--labels", str(labels), "--out", str(copy))
+    assert p.returncode == 2 and "is the input bundle" in p.stderr
+    assert copy.read_bytes() == BUNDLE_PATH.read_bytes()
+
+
+def test_recalibrate_refuses_bad_labels(tmp_path: Path) -> None:
+    other = labels_with_precision(tmp_path, bundle_id="0123456789ab")
+    out = str(tmp_path / "x.safetensors")
+    p = cli("recalibrate", "--bundle", str(BUNDLE_PATH), "--labels", str(other), "--out", out)
+    assert p.returncode == 2 and "0123456789ab" in p.stderr and BUNDLE.bundle_id in p.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(other.read_text().splitlines()[0] + "\n" + '{"decision": "maybe"}\n')
+    p = cli("recalibrate", "--bundle", str(BUNDLE_PATH), "--labels", str(bad), "--out", out)
+    assert p.returncode == 2 and f"{bad}:2: field" in p.stderr and "Traceback" not in p.stderr
+    p = cli("recalibrate", "--bundle", str(BUNDLE_PATH), "--labels", str(other), "--out", out,
+            "--target-precision", "1.5")  # fmt: skip
+    assert p.returncode == 2 and "target-precision" in p.stderr
