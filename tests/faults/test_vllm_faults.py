@@ -8,10 +8,7 @@ the same in every phase; drops are counted by the tap and reported once the side
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -21,6 +18,7 @@ import pytest
 
 from detectors import bundle as bundle_io
 from service import vllm_server
+from service.sidecar_process import SidecarProcess, start_sidecar
 from tests.conftest import ROOT
 from tests.sidecar import RedisServer
 
@@ -41,49 +39,6 @@ def metric(port: int, name: str, **labels: str) -> float:
     )
 
 
-class Sidecar:
-    def __init__(self, tmp: Path, grpc_port: int, redis_url: str) -> None:
-        self.tmp, self.grpc_port, self.redis_url = tmp, grpc_port, redis_url
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.metrics_port = 0
-
-    def start(self) -> None:
-        ready = self.tmp / f"ready-{time.monotonic_ns()}"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--grpc-port",
-                str(self.grpc_port),
-                "--metrics-port",
-                "0",
-                "--redis-url",
-                self.redis_url,
-                "--ready-file",
-                str(ready),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-            env={**os.environ, "MISALIGN_STATE_DIR": str(self.tmp / "state")},
-        )
-        vllm_server.wait_until(
-            lambda: ready.exists() and ready.read_text().strip(), "sidecar", 60, [self.proc]
-        )
-        self.metrics_port = int(ready.read_text().split()[1])
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def wait(cond, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
     end = time.monotonic() + timeout
     while not cond():
@@ -101,7 +56,13 @@ def test_vllm_serves_through_sidecar_absence_stall_and_kill(
     prompts = [r["messages"][:-1] for r in rows[:4]]
     grpc_port, api_port = vllm_server.free_port(), vllm_server.free_port()
     redis_server = RedisServer(tmp_path / "redis").start()
-    sidecar = Sidecar(tmp_path, grpc_port, redis_server.url)
+
+    def start() -> SidecarProcess:
+        return start_sidecar(
+            tmp_path / "sidecar", "--redis-url", redis_server.url, grpc_port=grpc_port
+        )
+
+    sidecar: SidecarProcess | None = None
     with open(tmp_path / "vllm.log", "wb") as log:
         vllm = vllm_server.start(
             smollm2_dir, api_port, log, bundle=BUNDLE, sidecar=f"127.0.0.1:{grpc_port}"
@@ -118,7 +79,7 @@ def test_vllm_serves_through_sidecar_absence_stall_and_kill(
                 ]
 
             absent = ask("absent")  # no sidecar at all
-            sidecar.start()
+            sidecar = start()
             # The tap reconnects with backoff; requests sent once it is back are scored.
             wait(
                 lambda: (
@@ -131,21 +92,22 @@ def test_vllm_serves_through_sidecar_absence_stall_and_kill(
             dropped = metric(sidecar.metrics_port, "misalign_rows_dropped_total", side="inference")
             assert dropped > 0  # what the tap could not send while the sidecar was away, reported
 
-            sidecar.signal(signal.SIGSTOP)  # stalled: the stream stops being read
+            sidecar.proc.send_signal(signal.SIGSTOP)  # stalled: the stream stops being read
             try:
                 assert ask("stalled") == absent
             finally:
-                sidecar.signal(signal.SIGCONT)
+                sidecar.proc.send_signal(signal.SIGCONT)
 
             results: list[list[str]] = []
             t = threading.Thread(target=lambda: results.append(ask("killed")))
             t.start()
             time.sleep(0.3)
-            sidecar.stop()  # SIGKILL mid-run
+            sidecar.proc.kill()  # SIGKILL mid-run
+            sidecar.proc.wait(10)
             t.join(300)
             assert results == [absent]
 
-            sidecar.start()
+            sidecar = start()
             wait(
                 lambda: (
                     ask("back")
@@ -158,5 +120,6 @@ def test_vllm_serves_through_sidecar_absence_stall_and_kill(
         finally:
             vllm.terminate()
             vllm.wait(60)
-            sidecar.stop()
+            if sidecar is not None:
+                sidecar.stop()
             redis_server.stop()
