@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,68 @@ def run(model: Path, data: Path, extra: list[str], rounds: int, max_tokens: int)
     return [r["output_tokens"] / r["seconds"] for r in res["rounds"]]
 
 
+def _median_us(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(repeat // 10 + 1):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e6)
+
+
+def component_costs(bundle_path: Path, batch: int, repeat: int = 2000) -> dict[str, float]:
+    """The tap's own work per decode step, timed in isolation (quiet and repeatable, unlike
+    whole-engine throughput): the op on ``batch`` rows of SmolLM2's width, and the host side
+    (the step's layout, the copy off the buffer, the protobuf message into the publisher's queue).
+    The host side runs ``capture`` on a stand-in for the model runner's batch state."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from detectors import bundle as bundle_io
+    from tap import projection_op, runner_hook, state
+    from tap.settings import TapSettings
+
+    projection_op.register()
+    b = bundle_io.load(bundle_path)
+    d, rows = b.spec.model.hidden_size, 8192
+    hidden, residual = torch.randn(batch, d), torch.randn(batch, d)
+    layer = torch.nn.Module()
+    w = torch.from_numpy(np.ascontiguousarray(b.directions.T))
+    for name, t in (
+        ("tap_weight", w),
+        ("tap_bias", torch.from_numpy(b.bias)),
+        ("tap_jump", torch.full((b.k,), -np.inf)),
+        ("tap_out", torch.zeros(rows, b.k)),
+    ):
+        layer.register_buffer(name, t)
+    op_us = _median_us(
+        lambda: torch.ops.misalign.project(
+            hidden, residual, layer.tap_weight, layer.tap_bias, layer.tap_jump, layer.tap_out
+        ),
+        repeat,
+    )
+    # A sidecar address nobody answers: the publisher thread counts the steps as dropped, which
+    # costs the engine thread nothing more than a send would.
+    cfg = state.Active(TapSettings(bundle=bundle_path, sidecar="127.0.0.1:9"), b, layer=layer)
+    positions = torch.arange(100, 100 + batch)
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(
+            num_reqs=batch,
+            req_ids=[f"req-{i}-0123abcd" for i in range(batch)],
+            num_prompt_tokens=np.full(batch, 50, np.int64),
+        ),
+        query_start_loc=SimpleNamespace(np=np.arange(batch + 1, dtype=np.int32)),
+        positions=positions,
+        input_ids=SimpleNamespace(cpu=torch.randint(0, 49152, (rows,))),
+    )
+    so = SimpleNamespace(total_num_scheduled_tokens=batch)
+    host_us = _median_us(lambda: runner_hook.capture(runner, so, cfg), repeat)
+    return {"op_us": op_us, "host_us": host_us, "batch": batch}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,11 +146,18 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--no-hook", action="store_true", help="skip the eager forward-hook comparison")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--components-only", action="store_true", help="only the per-step cost of the tap's parts"
+    )
     args = ap.parse_args()
 
     model = prepare_smollm2(progress=False)
     work = Path(tempfile.mkdtemp(prefix="misalign-overhead-"))
     bundle = k16_bundle(work / "k16.safetensors")
+    parts = component_costs(bundle, args.batch)
+    if args.components_only:
+        print(json.dumps(parts) if args.json else parts)
+        return 0
     rows = [json.loads(x) for x in DEMO_CONVERSATIONS.read_text().splitlines() if x.strip()]
     data = work / "prompts.jsonl"
     data.write_text(
@@ -128,6 +198,11 @@ def main() -> int:
         "max_tokens": args.max_tokens,
         "k": 16,
     }
+    # Per decode step: one row per conversation, so a step takes batch / (tokens/s).
+    step_us = args.batch / med["compiled, tap off"] * 1e6
+    out["step_us"] = step_us
+    out["components"] = parts
+    out["component_overhead_pct"] = (parts["op_us"] + parts["host_us"]) / step_us * 100
     if not args.no_hook:
         base = med["eager, no capture"]
         out["eager_hook_overhead_pct"] = (base - med["eager, forward hook"]) / base * 100
@@ -149,6 +224,11 @@ def main() -> int:
         )
         print(f"| {k} | {v:,.1f} | {v / base:.3f} |")
     print(f"\ntap overhead, compiled: {overhead:+.2f}% of throughput")
+    print(
+        f"the tap's own work per decode step of {args.batch} rows, timed alone: op "
+        f"{parts['op_us']:.1f} us + host {parts['host_us']:.1f} us against a {step_us / 1000:.1f} ms "
+        f"step = {out['component_overhead_pct']:.2f}%"
+    )
     if not args.no_hook:
         print(
             f"eager: tap {out['eager_tap_overhead_pct']:+.2f}%, forward hook {out['eager_hook_overhead_pct']:+.2f}%"

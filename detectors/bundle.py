@@ -221,6 +221,14 @@ def validate(b: Bundle, where: object) -> None:
     for i, f in enumerate(s.features):
         if not np.any(b.directions[i]):
             raise BundleError(where, f"feature {f.name!r} has an all-zero direction")
+        if b.jump_threshold[i] < 0:
+            # A JumpReLU threshold is never negative; the sidecar relies on it to undo the bias of
+            # activations the tap sends.
+            raise BundleError(
+                where,
+                f"tensor 'jump_threshold' is {b.jump_threshold[i]:g} for feature {f.name!r}, "
+                "expected >= 0",
+            )
 
 
 def save(b: Bundle, path: str | Path) -> Path:

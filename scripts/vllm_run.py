@@ -39,6 +39,39 @@ def _install_hook_capture(worker, bundle_path: str) -> None:  # type: ignore[no-
     layer.register_forward_hook(hook)
 
 
+def _install_probe_after(worker, layer: int, bundle_path: str) -> None:  # type: ignore[no-untyped-def]
+    """Test probe (eager only): the raw projections entering decoder layer ``layer`` (0-based),
+    i.e. the residual stream after the tapped layer once mitigation has moved it."""
+    import numpy as np
+    import torch
+
+    from detectors import bundle as bundle_io
+
+    b = bundle_io.load(bundle_path)
+    w = torch.from_numpy(np.ascontiguousarray(b.directions.T))
+    runner = worker.model_runner
+    target = runner.model.model.layers[layer]
+    worker.probe_after = {}
+
+    def hook(_module, args):  # type: ignore[no-untyped-def]
+        positions, hidden, residual = args[:3]
+        num_reqs = runner.input_batch.num_reqs
+        offsets = runner.query_start_loc.np[: num_reqs + 1]
+        n = int(offsets[-1])
+        proj = ((hidden[:n] + residual[:n]).float() @ w).cpu().numpy()
+        pos = positions[:n].cpu().numpy()
+        for i, rid in enumerate(runner.input_batch.req_ids[:num_reqs]):
+            rows = worker.probe_after.setdefault(rid, {})
+            for r in range(int(offsets[i]), int(offsets[i + 1])):
+                rows[str(int(pos[r]))] = proj[r].tolist()  # str keys: the RPC reply is msgpack
+
+    target.register_forward_pre_hook(hook)
+
+
+def _probe_after_rows(worker) -> dict:  # type: ignore[no-untyped-def]
+    return dict(getattr(worker, "probe_after", {}))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -47,6 +80,14 @@ def main() -> int:
     ap.add_argument("--sidecar", default="127.0.0.1:50051")
     ap.add_argument("--model-version", default="test")
     ap.add_argument("--compiled", action="store_true")
+    ap.add_argument("--mitigation", default="", help="MISALIGN_TAP_MITIGATION rules")
+    ap.add_argument("--mitigation-default", default="on", choices=["on", "off"])
+    ap.add_argument(
+        "--probe-after",
+        type=int,
+        metavar="LAYER",
+        help="eager only: record the projections entering this decoder layer (0-based)",
+    )
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--settle", type=float, default=1.0, help="seconds for the publisher to drain")
     ap.add_argument("--repeat", type=int, default=1, help="send the conversations this many times")
@@ -59,17 +100,22 @@ def main() -> int:
         help="baseline: project with a Python forward hook instead of the tap (eager only)",
     )
     args = ap.parse_args()
+    if args.hook_capture or args.probe_after is not None:
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     if args.tap:
         os.environ["MISALIGN_TAP_BUNDLE"] = args.tap
         os.environ["MISALIGN_TAP_SIDECAR"] = args.sidecar
         os.environ["MISALIGN_TAP_MODEL_VERSION"] = args.model_version
+        os.environ["MISALIGN_TAP_MITIGATION"] = args.mitigation
+        os.environ["MISALIGN_TAP_MITIGATION_DEFAULT"] = args.mitigation_default
     else:
         os.environ.pop("MISALIGN_TAP_BUNDLE", None)
 
     from vllm import LLM, SamplingParams
 
     with open(args.data) as fh:
-        convs = [json.loads(line)["messages"] for line in fh if line.strip()] * args.repeat
+        lines = [json.loads(line) for line in fh if line.strip()] * args.repeat
+    convs = [x["messages"] for x in lines]
     t0 = time.time()
     llm = LLM(
         model=args.model,
@@ -83,9 +129,18 @@ def main() -> int:
     start_s = time.time() - t0
     if args.hook_capture:
         llm.collective_rpc(_install_hook_capture, args=(args.hook_capture,))
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=0.0, ignore_eos=args.timed_rounds > 0
-    )
+    if args.probe_after is not None:
+        llm.collective_rpc(_install_probe_after, args=(args.probe_after, args.tap))
+    # A line's "extra_args" reach the tap per request (e.g. misalign_mitigation).
+    params = [
+        SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=0.0,
+            ignore_eos=args.timed_rounds > 0,
+            extra_args=x.get("extra_args"),
+        )
+        for x in lines
+    ]
     t0 = time.time()
     outs = llm.chat(convs, params, use_tqdm=False)
     gen_s = time.time() - t0
@@ -101,6 +156,9 @@ def main() -> int:
         )
     time.sleep(args.settle)
     result = {
+        "probe_after": (
+            llm.collective_rpc(_probe_after_rows)[0] if args.probe_after is not None else {}
+        ),
         "start_s": start_s,
         "generate_s": gen_s,
         "rounds": rounds,

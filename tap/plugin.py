@@ -9,7 +9,6 @@ from tap import state
 from tap.settings import TapConfigError, read_settings
 
 log = logging.getLogger(__name__)
-ARCHITECTURES = ("LlamaForCausalLM",)
 
 
 def register() -> None:
@@ -27,15 +26,16 @@ def register() -> None:
         raise TapConfigError(
             f"misalign tap: MISALIGN_TAP_SIDECAR is {settings.sidecar!r}, expected host:port or unix:/path"
         )
-    state.activate(settings, bundle)
+    active = state.activate(settings, bundle)
+    if settings.mitigation:
+        from tap.mitigation import Mitigation, parse_rules
 
-    from vllm import ModelRegistry
+        rules = parse_rules(settings.mitigation, bundle, "MISALIGN_TAP_MITIGATION")
+        active.mitigation = Mitigation(bundle, rules, settings.mitigation_default == "on")
 
     from tap import projection_op, runner_hook
 
     projection_op.register()
-    for arch in ARCHITECTURES:
-        ModelRegistry.register_model(arch, "tap.llama:TappedLlamaForCausalLM")
     runner_hook.install()
     log.info(
         "misalign tap active: bundle %s layer %d, %d features, sidecar %s",

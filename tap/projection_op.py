@@ -1,7 +1,21 @@
-"""The projection as a registered custom op, so torch.compile and CUDA graphs keep it.
+"""The tap's work inside the forward, as registered custom ops so torch.compile and CUDA graphs
+keep them (a Python forward hook would be skipped by a compiled graph; an op is not).
 
-``out[:n] = (hidden + residual) @ weight`` in fp32, written into a persistent buffer the host side
-reads after the step. A Python forward hook would be skipped by a compiled graph; an op is not.
+``misalign::project`` writes each row's feature activations into a persistent buffer the host
+reads after the step::
+
+    out[:n] = act((hidden + residual) @ weight + bias)     act: JumpReLU where a feature has a
+                                                            threshold (SAE latents), else identity
+
+``misalign::project_mitigate`` does the same, then moves the residual stream of the rows the host
+marked (``ctl``, written before the step) away from the features::
+
+    ablate:  x - (x·v̂) v̂        steer:  x - α v̂
+
+For a feature mitigated only once its request is flagged, the decision is made here, on the
+device, from the projection just computed: the request's running response mean (its sum and count
+before this step come in ``ctl``) against the feature's threshold. ``applied[:n]`` says which rows
+were changed, for the host to report.
 """
 
 from __future__ import annotations
@@ -9,18 +23,89 @@ from __future__ import annotations
 import torch
 from torch.library import Library
 
-_LIB = Library("misalign", "FRAGMENT")  # the op lives as long as this object
+_LIB = Library("misalign", "FRAGMENT")  # the ops live as long as this object
+
+# Column blocks of the per-row control buffer ``ctl [rows, CTL_BLOCKS * k + 1]``.
+ABLATE, STEER, GATED, PREV_SUM = range(4)
+CTL_BLOCKS = 4  # then one column: the number of response rows before this step
+
+
+def ctl_width(k: int) -> int:
+    return CTL_BLOCKS * k + 1
+
+
+def _activations(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, jump: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """Raw projections ``x @ weight`` (returned) and activations written into ``out``."""
+    raw = torch.matmul(x, weight)
+    act = raw + bias
+    # NaN stays NaN (NaN <= t is false): the sidecar refuses it instead of scoring a 0.
+    out.copy_(act.masked_fill(act <= jump, 0.0))
+    return raw
 
 
 def _project(
-    hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    jump: torch.Tensor,
+    out: torch.Tensor,
 ) -> None:
     n = hidden.shape[0]
-    torch.matmul((hidden + residual).to(torch.float32), weight, out=out[:n])
+    _activations((hidden + residual).to(torch.float32), weight, bias, jump, out[:n])
+
+
+def _project_mitigate(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    jump: torch.Tensor,
+    out: torch.Tensor,
+    unit: torch.Tensor,
+    inv_norm: torch.Tensor,
+    threshold: torch.Tensor,
+    ctl: torch.Tensor,
+    applied: torch.Tensor,
+) -> None:
+    n = hidden.shape[0]
+    k = weight.shape[1]
+    raw = _activations((hidden + residual).to(torch.float32), weight, bias, jump, out[:n])
+    c = ctl[:n]
+    ablate, steer = c[:, ABLATE * k : (ABLATE + 1) * k], c[:, STEER * k : (STEER + 1) * k]
+    gated, prev_sum = c[:, GATED * k : (GATED + 1) * k], c[:, PREV_SUM * k : (PREV_SUM + 1) * k]
+    running = (prev_sum + out[:n]) / (c[:, -1:] + 1.0)
+    on = (gated == 0) | (running >= threshold)
+    coef = torch.where(on, ablate * raw * inv_norm + steer, 0.0)
+    residual.sub_(torch.matmul(coef, unit).to(residual.dtype))
+    applied[:n] = (coef != 0).any(dim=1).to(applied.dtype)
 
 
 def _project_fake(
-    hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    jump: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    return None
+
+
+def _project_mitigate_fake(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    jump: torch.Tensor,
+    out: torch.Tensor,
+    unit: torch.Tensor,
+    inv_norm: torch.Tensor,
+    threshold: torch.Tensor,
+    ctl: torch.Tensor,
+    applied: torch.Tensor,
 ) -> None:
     return None
 
@@ -35,5 +120,12 @@ def register() -> None:
         op_func=_project,
         mutates_args=["out"],
         fake_impl=_project_fake,
+        target_lib=_LIB,
+    )
+    direct_register_custom_op(
+        op_name="project_mitigate",
+        op_func=_project_mitigate,
+        mutates_args=["out", "residual", "applied"],
+        fake_impl=_project_mitigate_fake,
         target_lib=_LIB,
     )

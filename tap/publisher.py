@@ -66,8 +66,12 @@ class Publisher:
         token_ids: np.ndarray,
         roles: np.ndarray,
         proj: np.ndarray,
+        labels: list[str] | None = None,
+        applied: np.ndarray | None = None,
     ) -> None:
-        """Called on the engine's thread: build the message and hand it over, or drop it."""
+        """Called on the engine's thread: build the message and hand it over, or drop it.
+
+        ``labels`` (per request) and ``applied`` (per row, int8) describe mitigation, if any."""
         self._step += 1
         msg = pb.StepBatch(
             bundle_id=self.bundle_id,
@@ -80,6 +84,9 @@ class Publisher:
             is_response=roles.tobytes(),
             k=self.k,
             projections=np.ascontiguousarray(proj, dtype="<f4").tobytes(),
+            activated=True,
+            mitigation=labels or [],
+            mitigated=applied.tobytes() if applied is not None else b"",
         )
         self._put(msg)
 

@@ -12,8 +12,9 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 
-from tap import state
+from tap import layer_tap, state
 from tap.settings import TapConfigError
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,9 @@ def install() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     orig_execute = GPUModelRunner.execute_model
-    orig_load = GPUModelRunner.load_model
-
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = orig_load(self, *args, **kwargs)
-        cfg = state.active()
-        if cfg is not None:
-            _check_model(self, cfg)
-        return out
+    orig_prepare = GPUModelRunner._prepare_inputs
+    for runner_cls in _runner_classes():
+        runner_cls.load_model = _tapping_load_model(runner_cls.load_model)
 
     def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         out = orig_execute(self, scheduler_output, *args, **kwargs)
@@ -45,6 +41,18 @@ def install() -> None:
             except Exception:
                 publisher(cfg).count_drop(scheduler_output.total_num_scheduled_tokens, "tap_error")
                 log.exception("misalign tap: could not read this step; counted as dropped")
+        return out
+
+    def _prepare_inputs(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        out = orig_prepare(self, scheduler_output, *args, **kwargs)
+        cfg = state.active()
+        if cfg is not None and cfg.mitigation is not None and cfg.layer is not None:
+            try:
+                cfg.mitigation.forget(set(scheduler_output.finished_req_ids))
+                write_controls(self, scheduler_output, cfg)
+            except Exception:
+                cfg.layer.tap_ctl.zero_()  # unmitigated rather than mitigated wrongly
+                log.exception("misalign tap: could not set this step's mitigation; none applied")
         return out
 
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -60,8 +68,8 @@ def install() -> None:
                 log.exception("misalign tap: could not report a finished request")
         return orig_free(self, request, *args, **kwargs)
 
-    GPUModelRunner.load_model = load_model  # type: ignore[method-assign]
     GPUModelRunner.execute_model = execute_model  # type: ignore[method-assign]
+    GPUModelRunner._prepare_inputs = _prepare_inputs  # type: ignore[method-assign]
     Scheduler._free_request = _free_request  # type: ignore[method-assign]
     _installed = True
 
@@ -76,14 +84,46 @@ def publisher(cfg: state.Active) -> Any:
     return cfg.publisher
 
 
+def _runner_classes() -> list[Any]:
+    """The model runners whose ``load_model`` builds the model: the CPU runner has its own."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    classes: list[Any] = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except Exception:  # not a CPU build
+        return classes
+    if "load_model" in vars(CPUModelRunner):
+        classes.append(CPUModelRunner)
+    return classes
+
+
+def _tapping_load_model(orig: Any) -> Any:
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = orig(self, *args, **kwargs)
+        cfg = state.active()
+        if cfg is not None:
+            _check_model(self, cfg)
+            cfg.layer = layer_tap.attach(
+                self.get_model(),
+                _architecture(self),
+                cfg.bundle,
+                int(self.scheduler_config.max_num_batched_tokens),
+                mitigate=cfg.mitigation is not None,
+            )
+        return out
+
+    return load_model
+
+
+def _architecture(runner: Any) -> str:
+    archs = getattr(runner.model_config.hf_config, "architectures", None) or ["?"]
+    return str(archs[0])
+
+
 def _check_model(runner: Any, cfg: state.Active) -> None:
     hf = runner.model_config.hf_config
     ref = cfg.bundle.spec.model
-    if cfg.layer is None:
-        raise TapConfigError(
-            f"misalign tap: the model's architecture {getattr(hf, 'architectures', ['?'])} is not "
-            f"one the tap supports ({', '.join(('LlamaForCausalLM',))}); refusing to serve unmonitored"
-        )
     if hf.hidden_size != ref.hidden_size or hf.num_hidden_layers != ref.num_layers:
         raise TapConfigError(
             f"misalign tap: bundle {cfg.bundle.path} is for {ref.name} (hidden size "
@@ -101,6 +141,29 @@ def _is_rank0() -> bool:
         return True
 
 
+def _layout(runner: Any, n: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """This step's request ids, row offsets, positions and roles (0 prompt, 1 response)."""
+    num_reqs = runner.input_batch.num_reqs
+    req_ids = list(runner.input_batch.req_ids[:num_reqs])
+    offsets = np.asarray(runner.query_start_loc.np[: num_reqs + 1], dtype=np.int64).copy()
+    positions = runner.positions[:n].to("cpu").numpy().astype(np.int64)
+    num_prompt = np.asarray(runner.input_batch.num_prompt_tokens[:num_reqs], dtype=np.int64)
+    roles = (positions >= np.repeat(num_prompt, np.diff(offsets))).astype(np.int8)
+    return req_ids, offsets, positions, roles
+
+
+def write_controls(runner: Any, so: Any, cfg: state.Active) -> None:
+    """Before the forward: each row's mitigation controls into the op's buffer."""
+    n = int(so.total_num_scheduled_tokens)
+    if n == 0:
+        return
+    req_ids, offsets, _, roles = _layout(runner, n)
+    rows = cfg.mitigation.controls(runner, req_ids, offsets, roles)
+    ctl = cfg.layer.tap_ctl
+    ctl[:n].copy_(torch.from_numpy(rows), non_blocking=True)
+    ctl[n:].zero_()  # padded rows of a captured graph: never mitigated
+
+
 def capture(runner: Any, so: Any, cfg: state.Active) -> None:
     if cfg.publisher is None and not _is_rank0():
         cfg.layer = None  # other ranks hold the same rows; only rank 0 publishes
@@ -108,12 +171,14 @@ def capture(runner: Any, so: Any, cfg: state.Active) -> None:
     n = int(so.total_num_scheduled_tokens)
     if n == 0:
         return
-    num_reqs = runner.input_batch.num_reqs
-    req_ids = list(runner.input_batch.req_ids[:num_reqs])
-    offsets = np.asarray(runner.query_start_loc.np[: num_reqs + 1], dtype=np.int64).copy()
-    positions = runner.positions[:n].to("cpu").numpy().astype(np.int64)
+    req_ids, offsets, positions, roles = _layout(runner, n)
     token_ids = np.asarray(runner.input_ids.cpu[:n].numpy(), dtype=np.int64).copy()
-    num_prompt = np.asarray(runner.input_batch.num_prompt_tokens[:num_reqs], dtype=np.int64)
-    roles = (positions >= np.repeat(num_prompt, np.diff(offsets))).astype(np.int8)
     proj = cfg.layer.tap_out[:n].to("cpu", copy=True).numpy()
-    publisher(cfg).submit(req_ids, offsets, positions, token_ids, roles, proj)
+    labels: list[str] = []
+    applied = None
+    if cfg.mitigation is not None:
+        applied = cfg.layer.tap_applied[:n].to("cpu").numpy().astype(np.int8)
+        labels = cfg.mitigation.observe(req_ids, offsets, roles, proj)
+    publisher(cfg).submit(
+        req_ids, offsets, positions, token_ids, roles, proj, labels=labels, applied=applied
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,12 @@ class TapSettings(BaseSettings):
     model_name: str | None = Field(default=None, description="label; default the bundle's model")
     queue_size: int = Field(default=1024, gt=0, description="steps held for the publisher")
     backoff_max_s: float = Field(default=5.0, gt=0)
+    mitigation: str = Field(
+        default="", description="rules, e.g. misaligned_persona=ablate@flagged; empty: off"
+    )
+    mitigation_default: Literal["on", "off"] = Field(
+        default="on", description="off: only requests that ask (extra_args) are mitigated"
+    )
 
 
 def read_settings() -> TapSettings:

@@ -13,8 +13,9 @@ from tap.settings import TapSettings
 class Active:
     settings: TapSettings
     bundle: Bundle
-    layer: Any = None  # the TappedDecoderLayer holding tap_out
+    layer: Any = None  # the tapped decoder layer holding tap_out (tap.layer_tap)
     publisher: Any = None
+    mitigation: Any = None  # tap.mitigation.Mitigation when rules are configured
 
 
 _ACTIVE: Active | None = None
@@ -28,8 +29,3 @@ def activate(settings: TapSettings, bundle: Bundle) -> Active:
     global _ACTIVE
     _ACTIVE = Active(settings, bundle)
     return _ACTIVE
-
-
-def register_layer(layer: Any) -> None:
-    if _ACTIVE is not None:
-        _ACTIVE.layer = layer

@@ -7,6 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+pytest_plugins = ["tests.recorder"]  # the `recorder` fixture: a gRPC server in place of the sidecar
 
 
 def _user_cache() -> Path:

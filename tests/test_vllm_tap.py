@@ -10,49 +10,22 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
+from bench.synthetic import synthetic_bundle
 from detectors import bundle as bundle_io
 from detectors.activations import ActivationReader
+from detectors.bundle import ModelRef
+from detectors.scoring import project, token_scores
 from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
+from tests.tiny_models import tiny_bundle, tiny_model
 
 pytestmark = pytest.mark.slow
 BUNDLE = bundle_io.default_bundle_path()
-
-
-class Recorder(pb_grpc.MonitorServicer):
-    """A real gRPC server that keeps every batch the tap sends."""
-
-    def __init__(self) -> None:
-        self.batches: list[pb.StepBatch] = []
-        self.lock = threading.Lock()
-
-    def Ingest(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        n = 0
-        for msg in request_iterator:
-            with self.lock:
-                self.batches.append(msg)
-            n += 1
-        return pb.IngestSummary(steps=n)
-
-
-@pytest.fixture
-def recorder():  # type: ignore[no-untyped-def]
-    rec = Recorder()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    pb_grpc.add_MonitorServicer_to_server(rec, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield rec, f"127.0.0.1:{port}"
-    server.stop(0)
 
 
 def prompts(tmp_path: Path) -> Path:
@@ -91,6 +64,28 @@ def run_vllm(model: Path, data: Path, *extra: str, timeout: int = 900) -> dict: 
     return json.loads(lines[-1].removeprefix("RESULT "))  # type: ignore[no-any-return]
 
 
+def failed_start(model: Path, data: Path, bundle: Path) -> subprocess.CompletedProcess[str]:
+    """A vLLM start with the tap that must fail: the finished process, asserted non-zero."""
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "vllm_run.py"),
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--tap",
+            str(bundle),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert p.returncode != 0
+    return p
+
+
 def received_rows(
     batches: list[pb.StepBatch], k: int
 ) -> dict[str, dict[int, tuple[int, int, np.ndarray]]]:
@@ -107,8 +102,13 @@ def received_rows(
     return out
 
 
-def check_parity(result: dict, batches: list[pb.StepBatch], model: Path) -> int:  # type: ignore[type-arg]
-    b = bundle_io.load(BUNDLE)
+def check_parity(
+    result: dict,  # type: ignore[type-arg]
+    batches: list[pb.StepBatch],
+    model: Path,
+    bundle: Path = BUNDLE,
+) -> int:
+    b = bundle_io.load(bundle)
     rows = received_rows(batches, b.k)
     finished = {f.client_request_id: f.request_id for x in batches for f in x.finished}
     reader = ActivationReader(model)
@@ -121,7 +121,8 @@ def check_parity(result: dict, batches: list[pb.StepBatch], model: Path) -> int:
         n_prompt = len(out["prompt_token_ids"])
         roles = [0] * n_prompt + [1] * (len(seq) - n_prompt)
         acts = next(reader.read_encoded([(seq, roles)], [b.spec.layer], progress=False))
-        offline = acts.layers[b.spec.layer] @ b.directions.T
+        # The tap sends activations: the projection plus bias (JumpReLU for SAE latents).
+        offline = token_scores(b, project(b, acts.layers[b.spec.layer]))
         assert set(got) <= set(range(len(seq)))
         assert (
             len(got) >= len(seq) - n_prompt
@@ -146,6 +147,49 @@ def test_tap_sends_the_offline_projection_of_every_token(
     )
     assert check_parity(result, rec.batches, smollm2_dir) > 300
     assert all(b.bundle_id == bundle_io.load(BUNDLE).bundle_id for b in rec.batches)
+    assert all(b.activated for b in rec.batches if b.projections)
+
+
+@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "MistralForCausalLM"])
+def test_tap_parity_on_the_other_llama_family_architectures(
+    smollm2_dir: Path, tmp_path: Path, recorder, architecture: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Compiled mode on small random-weight models of each architecture (tests/tiny_models.py)."""
+    rec, addr = recorder
+    model = tiny_model(tmp_path / "model", architecture, smollm2_dir)
+    bundle = tiny_bundle(tmp_path / "tiny.safetensors", architecture)
+    result = run_vllm(
+        model, prompts(tmp_path), "--tap", str(bundle), "--sidecar", addr, "--compiled"
+    )
+    assert check_parity(result, rec.batches, model, bundle) > 300
+    sae = np.concatenate(
+        [np.frombuffer(b.projections, "<f4").reshape(-1, 4)[:, 3] for b in rec.batches]
+    )
+    assert (sae == 0).any() and (sae > 0.02).any()  # JumpReLU cut some rows on the device
+
+
+def test_an_unsupported_architecture_stops_vllm_from_starting(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """A model the tap cannot read at the right point must not serve unmonitored."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    model = tmp_path / "gpt2"
+    cfg = GPT2Config(vocab_size=49152, n_embd=128, n_layer=4, n_head=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model / name).write_bytes((smollm2_dir / name).read_bytes())
+    bundle = tmp_path / "gpt2.safetensors"
+    synthetic_bundle(
+        bundle,
+        ModelRef(name="tiny-gpt2", hidden_size=128, num_layers=4, architecture="GPT2LMHeadModel"),
+        2,
+        4,
+        1.0,
+    )
+    p = failed_start(model, prompts(tmp_path), bundle)
+    # The worker process refuses at load; vLLM logs that on stdout.
+    assert "GPT2LMHeadModel is not one the tap supports" in p.stdout + p.stderr
 
 
 def test_generated_text_is_identical_with_and_without_the_tap(
@@ -173,21 +217,5 @@ def test_vllm_serves_unchanged_when_the_sidecar_is_not_running(
 def test_a_bad_bundle_stops_vllm_from_starting(smollm2_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a bundle")
-    p = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "vllm_run.py"),
-            "--model",
-            str(smollm2_dir),
-            "--data",
-            str(prompts(tmp_path)),
-            "--tap",
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert p.returncode != 0
+    p = failed_start(smollm2_dir, prompts(tmp_path), bad)
     assert "MISALIGN_TAP_BUNDLE" in p.stderr and "not a safetensors file" in p.stderr

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StepBatch(_message.Message):
-    __slots__ = ("bundle_id", "sender_id", "step", "request_ids", "row_offsets", "positions", "token_ids", "is_response", "k", "projections", "finished", "drops")
+    __slots__ = ("bundle_id", "sender_id", "step", "request_ids", "row_offsets", "positions", "token_ids", "is_response", "k", "projections", "finished", "drops", "activated", "mitigation", "mitigated")
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,9 @@ class StepBatch(_message.Message):
     PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     DROPS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATED_FIELD_NUMBER: _ClassVar[int]
+    MITIGATION_FIELD_NUMBER: _ClassVar[int]
+    MITIGATED_FIELD_NUMBER: _ClassVar[int]
     bundle_id: str
     sender_id: str
     step: int
@@ -32,7 +35,10 @@ class StepBatch(_message.Message):
     projections: bytes
     finished: _containers.RepeatedCompositeFieldContainer[FinishedRequest]
     drops: DropCounters
-    def __init__(self, bundle_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., row_offsets: _Optional[_Iterable[int]] = ..., positions: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., is_response: _Optional[bytes] = ..., k: _Optional[int] = ..., projections: _Optional[bytes] = ..., finished: _Optional[_Iterable[_Union[FinishedRequest, _Mapping]]] = ..., drops: _Optional[_Union[DropCounters, _Mapping]] = ...) -> None: ...
+    activated: bool
+    mitigation: _containers.RepeatedScalarFieldContainer[str]
+    mitigated: bytes
+    def __init__(self, bundle_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., row_offsets: _Optional[_Iterable[int]] = ..., positions: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., is_response: _Optional[bytes] = ..., k: _Optional[int] = ..., projections: _Optional[bytes] = ..., finished: _Optional[_Iterable[_Union[FinishedRequest, _Mapping]]] = ..., drops: _Optional[_Union[DropCounters, _Mapping]] = ..., activated: _Optional[bool] = ..., mitigation: _Optional[_Iterable[str]] = ..., mitigated: _Optional[bytes] = ...) -> None: ...
 
 class FinishedRequest(_message.Message):
     __slots__ = ("request_id", "client_request_id", "model", "model_version", "finish_reason")
@@ -127,7 +133,7 @@ class FeatureScore(_message.Message):
     def __init__(self, name: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., has_threshold: _Optional[bool] = ..., flagged: _Optional[bool] = ..., z: _Optional[float] = ..., prompt_mean: _Optional[float] = ..., response_mean: _Optional[float] = ..., response_max_rolling: _Optional[float] = ...) -> None: ...
 
 class RequestScore(_message.Message):
-    __slots__ = ("request_id", "client_request_id", "bundle_id", "model", "model_version", "flagged", "tokens", "features", "finished_at", "scored_at")
+    __slots__ = ("request_id", "client_request_id", "bundle_id", "model", "model_version", "flagged", "tokens", "features", "finished_at", "scored_at", "mitigation", "mitigated_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +144,8 @@ class RequestScore(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     SCORED_AT_FIELD_NUMBER: _ClassVar[int]
+    MITIGATION_FIELD_NUMBER: _ClassVar[int]
+    MITIGATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     client_request_id: str
     bundle_id: str
@@ -148,7 +156,9 @@ class RequestScore(_message.Message):
     features: _containers.RepeatedCompositeFieldContainer[FeatureScore]
     finished_at: float
     scored_at: float
-    def __init__(self, request_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., flagged: _Optional[bool] = ..., tokens: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureScore, _Mapping]]] = ..., finished_at: _Optional[float] = ..., scored_at: _Optional[float] = ...) -> None: ...
+    mitigation: str
+    mitigated_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., flagged: _Optional[bool] = ..., tokens: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureScore, _Mapping]]] = ..., finished_at: _Optional[float] = ..., scored_at: _Optional[float] = ..., mitigation: _Optional[str] = ..., mitigated_tokens: _Optional[int] = ...) -> None: ...
 
 class DescribeBundleRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,191 @@
+"""Mitigation: which rows of a step the op moves away from which features, and by how much.
+
+Off unless ``MISALIGN_TAP_MITIGATION`` names rules, e.g.::
+
+    misaligned_persona=ablate@flagged          remove the component along v̂ once flagged
+    misaligned_persona=steer:4@always,toxic=ablate@always
+
+``@always`` mitigates every token of the request; ``@flagged`` only the response tokens once the
+request's running response mean crosses the feature's calibrated threshold (decided in the op, on
+the device, from the projection it just computed). A request can opt out or choose its own rules
+with ``extra_args`` (the OpenAI-compatible server's ``vllm_xargs``)::
+
+    {"misalign_mitigation": "off"}                       this request unmitigated
+    {"misalign_mitigation": "misaligned_persona=steer:8@always"}   these rules instead
+
+``MISALIGN_TAP_MITIGATION_DEFAULT=off`` makes mitigation opt-in: only requests that ask get it.
+Host side, once per step before the forward, ``write_controls`` fills the op's control rows; after
+it, ``observe`` updates each request's running sums and counts the rows the op changed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from detectors.bundle import Bundle
+from tap.projection_op import ABLATE, CTL_BLOCKS, GATED, PREV_SUM, STEER, ctl_width
+from tap.settings import TapConfigError
+
+Mode = Literal["ablate", "steer"]
+When = Literal["always", "flagged"]
+_RULE = re.compile(
+    r"^(?P<feature>[a-z][a-z0-9_]*)=(?P<mode>ablate|steer)(?::(?P<alpha>[0-9.eE+-]+))?"
+    r"@(?P<when>always|flagged)$"
+)
+EXTRA_ARG = "misalign_mitigation"
+
+
+@dataclass(frozen=True)
+class Rule:
+    feature: int
+    name: str
+    mode: Mode
+    alpha: float
+    when: When
+
+    @property
+    def label(self) -> str:
+        alpha = f":{self.alpha:g}" if self.mode == "steer" else ""
+        return f"{self.mode}{alpha}:{self.name}@{self.when}"
+
+
+def parse_rules(text: str, bundle: Bundle, where: str) -> tuple[Rule, ...]:
+    """``text`` as rules for ``bundle``'s features; errors name ``where`` the text came from."""
+    rules = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        m = _RULE.match(part)
+        if m is None:
+            raise TapConfigError(
+                f"misalign tap: {where}: {part!r} is not FEATURE=ablate@WHEN or "
+                "FEATURE=steer:ALPHA@WHEN (WHEN: always or flagged)"
+            )
+        name = m["feature"]
+        if name not in bundle.feature_names:
+            raise TapConfigError(
+                f"misalign tap: {where}: feature {name!r} is not in bundle {bundle.bundle_id} "
+                f"(features: {', '.join(bundle.feature_names)})"
+            )
+        mode: Mode = "ablate" if m["mode"] == "ablate" else "steer"
+        if mode == "steer" and m["alpha"] is None:
+            raise TapConfigError(f"misalign tap: {where}: {part!r}: steer needs :ALPHA")
+        try:
+            alpha = float(m["alpha"]) if m["alpha"] is not None else 0.0
+        except ValueError:
+            raise TapConfigError(
+                f"misalign tap: {where}: {part!r}: ALPHA is not a number"
+            ) from None
+        when: When = "flagged" if m["when"] == "flagged" else "always"
+        rules.append(Rule(bundle.feature_names.index(name), name, mode, alpha, when))
+    return tuple(rules)
+
+
+@dataclass
+class _Request:
+    rules: tuple[Rule, ...]
+    ctl: np.ndarray  # [ctl_width]: this request's control row, prev sums and count filled per step
+    resp_sum: np.ndarray  # [k] sum of response-token activations seen so far
+    resp_n: int = 0
+
+    @property
+    def label(self) -> str:
+        return ",".join(rule.label for rule in self.rules)
+
+
+@dataclass
+class Mitigation:
+    bundle: Bundle
+    default_rules: tuple[Rule, ...]
+    default_on: bool
+    _requests: dict[str, _Request] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return self.bundle.k
+
+    def _request(self, req_id: str, runner: Any) -> _Request:
+        r = self._requests.get(req_id)
+        if r is None:
+            r = self._requests[req_id] = self._new(req_id, _extra_args(runner, req_id))
+        return r
+
+    def _new(self, req_id: str, extra: dict[str, Any]) -> _Request:
+        asked = extra.get(EXTRA_ARG)
+        rules: tuple[Rule, ...]
+        if asked is None:
+            rules = self.default_rules if self.default_on else ()
+        elif str(asked) == "off":
+            rules = ()
+        elif str(asked) == "on":
+            rules = self.default_rules
+        else:
+            try:
+                rules = parse_rules(str(asked), self.bundle, f"request {req_id} {EXTRA_ARG}")
+            except TapConfigError:
+                rules = ()  # a bad per-request value must not fail the engine step
+        k = self.k
+        ctl = np.zeros(ctl_width(k), np.float32)
+        for rule in rules:
+            if rule.mode == "ablate":
+                ctl[ABLATE * k + rule.feature] = 1.0
+            else:
+                ctl[STEER * k + rule.feature] = rule.alpha
+            ctl[GATED * k + rule.feature] = 1.0 if rule.when == "flagged" else 0.0
+        return _Request(rules, ctl, np.zeros(k, np.float64))
+
+    def controls(
+        self, runner: Any, req_ids: list[str], offsets: np.ndarray, roles: np.ndarray
+    ) -> np.ndarray:
+        """Control rows ``[n, ctl_width]`` for the step about to run."""
+        k = self.k
+        per_req = np.zeros((len(req_ids), ctl_width(k)), np.float32)
+        for i, rid in enumerate(req_ids):
+            r = self._request(rid, runner)
+            if r.rules:
+                per_req[i] = r.ctl
+                per_req[i, PREV_SUM * k : (PREV_SUM + 1) * k] = r.resp_sum
+                per_req[i, -1] = r.resp_n
+        rows = np.repeat(per_req, np.diff(offsets), axis=0)
+        # A gated feature never touches the prompt: "flagged" is a property of the answer.
+        gated = rows[:, GATED * k : (GATED + 1) * k] > 0
+        prompt = (roles == 0)[:, None]
+        for block in (ABLATE, STEER):
+            cols = rows[:, block * k : (block + 1) * k]
+            cols[gated & prompt] = 0.0
+        assert rows.shape[1] == CTL_BLOCKS * k + 1
+        return rows
+
+    def observe(
+        self, req_ids: list[str], offsets: np.ndarray, roles: np.ndarray, activations: np.ndarray
+    ) -> list[str]:
+        """After the step: running response sums for the next step's gate; each request's label
+        ("" unmitigated) for the batch the sidecar gets."""
+        labels = []
+        for i, rid in enumerate(req_ids):
+            r = self._requests.get(rid)
+            if r is None or not r.rules:
+                labels.append("")
+                continue
+            sl = slice(int(offsets[i]), int(offsets[i + 1]))
+            resp = roles[sl] == 1
+            r.resp_sum += activations[sl][resp].sum(axis=0, dtype=np.float64)
+            r.resp_n += int(resp.sum())
+            labels.append(r.label)
+        return labels
+
+    def forget(self, req_ids: set[str]) -> None:
+        """Requests the scheduler finished (it tells the worker in the next step's output)."""
+        for rid in req_ids:
+            self._requests.pop(rid, None)
+
+
+def _extra_args(runner: Any, req_id: str) -> dict[str, Any]:
+    state = getattr(runner, "requests", {}).get(req_id)
+    params = getattr(state, "sampling_params", None)
+    extra = getattr(params, "extra_args", None)
+    return dict(extra) if extra else {}
