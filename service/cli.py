@@ -10,6 +10,8 @@ import click
 
 from detectors.cli import calibrate, evaluate, extract, model_group, score
 from detectors.errors import MisalignError
+from detectors.gate_cli import gate
+from service.review.cli import labels, recalibrate, review
 
 
 @click.group()
@@ -98,6 +100,9 @@ def config_check(file: Path) -> None:
 
 
 for command in (model_group, extract, calibrate, score, evaluate):
+    cli.add_command(command)
+cli.add_command(gate)
+for command in (review, labels, recalibrate):
     cli.add_command(command)
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -22,12 +23,44 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] stream, KEYS[2] dedup key; ARGV[1] ttl, ARGV[2] maxlen, ARGV[3..] field/value pairs.
+# KEYS[1] stream, KEYS[2] dedup key, KEYS[3] dead-letter stream; ARGV[1] ttl, ARGV[2] maxlen,
+# ARGV[3] reviewers' group, ARGV[4] now, ARGV[5..] field/value pairs. Appends once per request
+# id, then trims the stream to maxlen. An entry trimmed before reviewers decided on it (never
+# read by their group, or read and still pending) is copied to the dead letters first: no sample
+# disappears without a decision or a dead-letter entry.
 _ADD_ONCE = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
-  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[2]), '*', unpack(ARGV, 3))
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
+  return false
 end
-return false
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
+local over = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
+if over <= 0 then return id end
+local function parse(s)
+  local ms, seq = string.match(s, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local last_ms, last_seq = -1, -1
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  if info['name'] == ARGV[3] then last_ms, last_seq = parse(info['last-delivered-id']) end
+end
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', over)) do
+  local ms, seq = parse(e[1])
+  local unread = ms > last_ms or (ms == last_ms and seq > last_seq)
+  local pending = not unread and
+    #redis.call('XPENDING', KEYS[1], ARGV[3], e[1], e[1], 1) > 0
+  if unread or pending then
+    local args = {'dead_sample_id', e[1], 'dead_reason',
+                  'trimmed from the stream (at its maximum length) before a decision',
+                  'dead_claims', -1, 'dead_at', ARGV[4]}
+    for i = 1, #e[2] do args[#args + 1] = e[2][i] end
+    redis.call('XADD', KEYS[3], '*', unpack(args))
+    if pending then redis.call('XACK', KEYS[1], ARGV[3], e[1]) end
+  end
+  redis.call('XDEL', KEYS[1], e[1])
+end
+return id
 """
 
 
@@ -39,6 +72,7 @@ class FlagQueue:
         *,
         stream: str,
         group: str,
+        dead_letter_stream: str,
         maxlen: int,
         buffer_size: int,
         dedup_ttl_s: int,
@@ -49,10 +83,12 @@ class FlagQueue:
         self.metrics = metrics
         self.stream = stream
         self.group = group
+        self.dead_letter_stream = dead_letter_stream
         self.maxlen = maxlen
         self.dedup_ttl_s = dedup_ttl_s
         self.buffer: deque[dict[str, str]] = deque()
         self.buffer_size = buffer_size
+        metrics.queue_capacity.set(buffer_size)
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self._wake = asyncio.Event()
@@ -88,11 +124,11 @@ class FlagQueue:
         self._wake.set()
 
     async def _write(self, fields: dict[str, str]) -> None:
-        args: list[str | int] = [self.dedup_ttl_s, self.maxlen]
+        args: list[str | int | float] = [self.dedup_ttl_s, self.maxlen, self.group, time.time()]
         for key, value in fields.items():
             args += [key, value]
         key = f"{self.stream}:seen:{fields['request_id']}"
-        added = await self._script(keys=[self.stream, key], args=args)
+        added = await self._script(keys=[self.stream, key, self.dead_letter_stream], args=args)
         if added:
             self.metrics.queue_pushes.inc()
         else:

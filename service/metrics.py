@@ -43,7 +43,8 @@ class ScoreHistograms(Collector):
         self._series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     def observe(self, model: str, version: str, scores: np.ndarray) -> None:
-        """``scores [k]``; NaN (no tokens in the span) is not observed."""
+        """``scores [k]``, or ``[r, k]`` for r requests; NaN (no tokens in the span) is not
+        observed."""
         series = self._series.get((model, version))
         if series is None:
             k = len(self.features)
@@ -52,10 +53,11 @@ class ScoreHistograms(Collector):
                 np.zeros(k, np.float64),
             )
         counts, sums = series
+        scores = np.asarray(scores, np.float64).reshape(-1, len(self.features))
         ok = ~np.isnan(scores)
-        rows = np.nonzero(ok)[0]
-        counts[rows, np.searchsorted(self.edges, scores[ok], side="left")] += 1
-        sums[ok] += scores[ok]
+        feats = np.nonzero(ok)[1]
+        np.add.at(counts, (feats, np.searchsorted(self.edges, scores[ok], side="left")), 1)
+        sums += np.where(ok, scores, 0.0).sum(axis=0)
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         fam = HistogramMetricFamily(
@@ -93,6 +95,18 @@ class Metrics:
         r.register(self.request_score)
         self.requests_scored = Counter(
             "misalign_requests_scored_total", "Requests scored", req, registry=r
+        )
+        self.requests_mitigated = Counter(
+            "misalign_requests_mitigated_total",
+            "Requests the tap mitigated (tap.mitigation), by mode and whether they were flagged",
+            (*req, "mode", "flagged"),
+            registry=r,
+        )
+        self.tokens_mitigated = Counter(
+            "misalign_tokens_mitigated_total",
+            "Token rows whose residual stream the tap changed",
+            req,
+            registry=r,
         )
         self.requests_flagged = Counter(
             "misalign_requests_flagged_total",
@@ -158,6 +172,12 @@ class Metrics:
         )
         self.queue_buffered = Gauge(
             "misalign_queue_buffered", "Flagged samples waiting in memory for Redis", registry=r
+        )
+        # The alert on the buffer filling compares misalign_queue_buffered with this.
+        self.queue_capacity = Gauge(
+            "misalign_queue_buffer_capacity",
+            "Flagged samples the memory buffer holds before it drops the oldest",
+            registry=r,
         )
         self.queue_dropped = Counter(
             "misalign_queue_dropped_total",

@@ -8,17 +8,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from detectors.bundle import Bundle
-from detectors.scoring import FeatureScore, score_request, token_scores
+from detectors.scoring import FeatureScore, RequestScores, Scorer
+from service.drift import DriftTracker
 from service.flags import FlagQueue
 from service.ingest import BadInput, RequestStore, Rows, decode_batch
 from service.metrics import Metrics
+from service.redaction import Redactor
 from service.rpc import monitor_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,10 @@ def feature_proto(f: FeatureScore) -> pb.FeatureScore:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Scored:
-    """A finished request's score, kept cheaply; the proto is built only when asked for."""
+    """A finished request's score, kept cheaply: row ``index`` of the batch it was scored in;
+    the per-feature objects and the proto are built only when asked for."""
 
     request_id: str
     client_request_id: str
@@ -67,8 +70,15 @@ class _Scored:
     model_version: str
     flagged: bool
     tokens: int
-    features: list[FeatureScore]
+    batch: RequestScores
+    index: int
     finished_at: float
+    mitigation: str = ""  # the tap's rules for this request, "" unmitigated
+    mitigated_tokens: int = 0
+
+    @property
+    def features(self) -> list[FeatureScore]:
+        return self.batch.features(self.index)
 
     def proto(self, bundle_id: str) -> pb.RequestScore:
         return pb.RequestScore(
@@ -82,6 +92,8 @@ class _Scored:
             features=[feature_proto(f) for f in self.features],
             finished_at=self.finished_at,
             scored_at=self.finished_at,
+            mitigation=self.mitigation,
+            mitigated_tokens=self.mitigated_tokens,
         )
 
 
@@ -94,16 +106,23 @@ class Monitor:
         *,
         max_requests: int = 100_000,
         max_tokens: int = 32_768,
+        max_rows: int | None = None,
         timeout_s: float = 600.0,
         recent_scores: int = 10_000,
         tokenizer: Any = None,
+        score_batch: int = 64,
+        drift: DriftTracker | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.bundle = bundle
+        self.redactor = redactor
         self.bundle_id = bundle.bundle_id
         self.metrics = metrics
         self.queue = queue
         self.tokenizer = tokenizer
-        self.store = RequestStore(bundle.k, max_requests, max_tokens, timeout_s)
+        self.drift = drift
+        self.scorer = Scorer(bundle)
+        self.store = RequestStore(bundle.k, max_requests, max_tokens, timeout_s, max_rows=max_rows)
         self.recent: OrderedDict[str, _Scored] = OrderedDict()
         self.client_ids: OrderedDict[str, str] = OrderedDict()
         self.recent_limit = recent_scores
@@ -111,6 +130,17 @@ class Monitor:
         self._labeled: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
         self._tokens = metrics.tokens_ingested.labels(self.bundle_id)
         self._steps = metrics.steps_ingested.labels(self.bundle_id)
+        # Finished requests wait here to be scored together: a pass over many requests costs
+        # little more than over one. Scored at ``score_batch`` requests, by ``flush`` (the server
+        # calls it a moment after a step and when a stream ends), or when one is looked up.
+        self.score_batch = score_batch
+        self._pending: list[tuple[pb.FinishedRequest, int, float]] = []  # finish, slot, arrival
+        self._pending_ids: set[str] = set()  # their request and client ids
+        # request id -> [mitigation label, rows changed], for requests a mitigating tap sent;
+        # bounded like the store (an expired request's entry ages out).
+        self._mitigated: OrderedDict[str, list[Any]] = OrderedDict()
+        self._mitigated_limit = max_requests
+        self._bias = bundle.bias
 
     # -- ingest ------------------------------------------------------------------------------
 
@@ -119,16 +149,26 @@ class Monitor:
 
         Raises ``BadInput`` (and changes nothing) when the batch is malformed.
         """
-        rows = decode_batch(self.bundle, msg)
+        rows = decode_batch(self.bundle_id, self.bundle.k, msg)
+        if msg.activated and len(rows.meta):
+            # The tap sends activations (bias added, JumpReLU applied); the store keeps raw
+            # projections. Subtracting the bias undoes both: a JumpReLU threshold is >= 0.
+            rows = replace(rows, projections=rows.projections - self._bias)
+        mitigated = _mitigation(msg, rows)  # checked before anything changes
         now = time.monotonic()
         dropped = self.store.add(rows, now)
+        for rid, label, n in mitigated:
+            entry = self._mitigated.setdefault(rid, [label, 0])
+            entry[0], entry[1] = label, entry[1] + n
+            if len(self._mitigated) > self._mitigated_limit:
+                self._mitigated.popitem(last=False)
         for reason, n in dropped.items():
             self.metrics.rows_dropped.labels("sidecar", reason).inc(n)
         self._tokens.inc(len(rows.meta))
         self._steps.inc()
         self._count_sender_drops(msg)
-        for fr in msg.finished:
-            self.finish(fr, now)
+        if msg.finished:
+            self._close(list(msg.finished), now)
         self.metrics.active_requests.set(len(self.store))
         return len(msg.finished)
 
@@ -155,22 +195,47 @@ class Monitor:
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def finish(self, fr: pb.FinishedRequest, arrived: float) -> _Scored | None:
-        state = self.store.finish(fr.request_id)
-        if isinstance(state, str) or state is None:
-            self.metrics.finishes_ignored.labels(state or "unknown").inc()
-            return None
-        token_ids, roles, proj = state.ordered()
-        result = self._score(
-            fr.request_id, fr.client_request_id, fr.model, fr.model_version, token_ids, roles, proj
-        )
-        self.metrics.scoring_latency.observe(time.monotonic() - arrived)
-        return result
+    def _close(self, finished: list[pb.FinishedRequest], arrived: float) -> None:
+        """Close finished requests (their rows are final from here) and queue them for scoring;
+        a finish for a request never seen, expired, or already finished is counted instead."""
+        slots, reasons = self.store.finish([fr.request_id for fr in finished])
+        live = iter(slots)
+        for fr, reason in zip(finished, reasons, strict=True):
+            if reason is not None:
+                self.metrics.finishes_ignored.labels(reason).inc()
+                continue
+            self._pending.append((fr, next(live), arrived))
+            self._pending_ids.add(fr.request_id)
+            if fr.client_request_id:
+                self._pending_ids.add(fr.client_request_id)
+        if len(self._pending) >= self.score_batch:
+            self.flush()
+
+    @property
+    def pending(self) -> int:
+        """Finished requests not scored yet."""
+        return len(self._pending)
+
+    def flush(self) -> list[_Scored]:
+        """Score every finished request waiting, in one vectorised pass."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        self._pending_ids.clear()
+        got = self.store.gather([slot for _, slot, _ in pending])
+        ts = self.scorer.token_scores(got.projections)
+        batch = self.scorer.score(ts, got.roles, got.offsets)
+        finished = [fr for fr, _, _ in pending]
+        results = self._record(finished, batch, got.offsets, got.token_ids, got.roles, ts)
+        now = time.monotonic()
+        for _, _, arrived in pending:
+            self.metrics.scoring_latency.observe(now - arrived)
+        return results
 
     def score_rows(self, rows: Rows, model: str, model_version: str) -> pb.RequestScore:
         """Score rows without keeping or queueing anything (the unary Score call)."""
-        ts = token_scores(self.bundle, rows.projections)
-        feats = score_request(self.bundle, ts, rows.roles)
+        ts = self.scorer.token_scores(rows.projections)
+        feats = self.scorer.score(ts, rows.roles, rows.offsets[[0, -1]]).features(0)
         return pb.RequestScore(
             bundle_id=self.bundle_id,
             model=model,
@@ -181,31 +246,70 @@ class Monitor:
             scored_at=time.time(),
         )
 
-    def _score(
+    def _record(
         self,
-        rid: str,
-        client_id: str,
-        model: str,
-        version: str,
+        finished: list[pb.FinishedRequest],
+        batch: RequestScores,
+        offsets: np.ndarray,
         token_ids: np.ndarray,
         roles: np.ndarray,
-        proj: np.ndarray,
-    ) -> _Scored:
-        ts = token_scores(self.bundle, proj)
-        feats = score_request(self.bundle, ts, roles)
-        flagged = any(f.flagged for f in feats)
+        ts: np.ndarray,
+    ) -> list[_Scored]:
+        """The final scores of requests scored together: metrics (one update per model and
+        version, not per request), the lookup table, and the flagged samples."""
         now = time.time()
-        scored, flags = self._children(model, version)
-        scored.inc()
-        self.metrics.request_score.observe(model, version, np.array([f.score for f in feats]))
-        for f, flag in zip(feats, flags, strict=True):
-            if f.flagged:
-                flag.inc()
-        result = _Scored(rid, client_id, model, version, flagged, len(roles), feats, now)
-        self._remember(result)
-        if flagged and self.queue is not None:
-            self.queue.put(self._sample(result, feats, token_ids, roles, ts), rid)
-        return result
+        flagged = np.asarray(batch.flagged.any(axis=1))
+        any_flag: list[bool] = flagged.tolist()
+        by_label: dict[tuple[str, str], list[int]] = {}
+        results = []
+        off = offsets.tolist()
+        for i, fr in enumerate(finished):
+            by_label.setdefault((fr.model, fr.model_version), []).append(i)
+            mitigation, changed = self._mitigated.pop(fr.request_id, ("", 0))
+            if mitigation:
+                self._count_mitigated(fr, mitigation, changed, any_flag[i])
+            result = _Scored(
+                fr.request_id,
+                fr.client_request_id,
+                fr.model,
+                fr.model_version,
+                any_flag[i],
+                off[i + 1] - off[i],
+                batch,
+                i,
+                now,
+                mitigation,
+                changed,
+            )
+            self._remember(result)
+            results.append(result)
+        for (model, version), idx in by_label.items():
+            scored, flags = self._children(model, version)
+            scored.inc(len(idx))
+            self.metrics.request_score.observe(model, version, batch.score[idx])
+            if self.drift is not None:
+                self.drift.observe(model, version, batch.score[idx])
+            for flag, n in zip(flags, batch.flagged[idx].sum(axis=0).tolist(), strict=True):
+                if n:
+                    flag.inc(n)
+        if self.queue is not None:
+            for i in np.flatnonzero(flagged).tolist():
+                s, e = off[i], off[i + 1]
+                result = results[i]
+                self.queue.put(
+                    self._sample(result, result.features, token_ids[s:e], roles[s:e], ts[s:e]),
+                    result.request_id,
+                )
+        return results
+
+    def _count_mitigated(
+        self, fr: pb.FinishedRequest, mitigation: str, changed: int, flagged: bool
+    ) -> None:
+        labels = (fr.model, fr.model_version, self.bundle_id)
+        # The mode only: a label per rule would let a client mint series with its own alphas.
+        modes = "+".join(sorted({rule.split(":", 1)[0] for rule in mitigation.split(",")}))
+        self.metrics.requests_mitigated.labels(*labels, modes, "yes" if flagged else "no").inc()
+        self.metrics.tokens_mitigated.labels(*labels).inc(changed)
 
     def _children(self, model: str, version: str) -> tuple[Any, list[Any]]:
         """Labeled metric children for one (model, version), looked up once, not per request."""
@@ -229,9 +333,12 @@ class Monitor:
             self.client_ids.popitem(last=False)
 
     def lookup(self, request_id: str) -> pb.RequestScore | None:
-        hit = self.recent.get(request_id)
         # The OpenAI-compatible server names a request "chatcmpl-<X-Request-Id>".
-        for alias in (request_id, f"chatcmpl-{request_id}", f"cmpl-{request_id}"):
+        aliases = (request_id, f"chatcmpl-{request_id}", f"cmpl-{request_id}")
+        if self._pending_ids and not self._pending_ids.isdisjoint(aliases):
+            self.flush()  # finished and waiting for its batch: score it now
+        hit = self.recent.get(request_id)
+        for alias in aliases:
             if hit is None and alias in self.client_ids:
                 hit = self.recent.get(self.client_ids[alias])
         return hit.proto(self.bundle_id) if hit is not None else None
@@ -255,6 +362,8 @@ class Monitor:
             "top_feature": top.name,
             "top_score": f"{top.score:.6g}",
             "finished_at": f"{result.finished_at:.3f}",
+            "mitigation": result.mitigation,
+            "mitigated_tokens": result.mitigated_tokens,
             "features": [f.as_dict() for f in feats],
             "tokens": {
                 "token_ids": token_ids.tolist(),
@@ -273,7 +382,31 @@ class Monitor:
                 token_ids[roles == 1].tolist(), skip_special_tokens=False
             )
             sample["token_text"] = [self.tokenizer.id_to_token(int(t)) or "" for t in token_ids]
-        return sample
+        return self.redactor.sample(sample) if self.redactor else sample
+
+
+def _mitigation(msg: pb.StepBatch, rows: Rows) -> list[tuple[str, str, int]]:
+    """(request id, mitigation label, rows changed) for the mitigated requests of a step."""
+    if not msg.mitigation and not msg.mitigated:
+        return []
+    if len(msg.mitigation) != len(rows.request_ids):
+        raise BadInput(
+            "mitigation",
+            f"mitigation has {len(msg.mitigation)} labels, expected one per request "
+            f"({len(rows.request_ids)})",
+        )
+    if len(msg.mitigated) != len(rows.meta):
+        raise BadInput(
+            "mitigation",
+            f"mitigated has {len(msg.mitigated)} bytes, expected one per row ({len(rows.meta)})",
+        )
+    changed = np.concatenate([[0], np.cumsum(np.frombuffer(msg.mitigated, np.int8) != 0)])
+    counts = (changed[rows.offsets[1:]] - changed[rows.offsets[:-1]]).tolist()
+    return [
+        (rid, label, n)
+        for rid, label, n in zip(rows.request_ids, msg.mitigation, counts, strict=True)
+        if label
+    ]
 
 
 __all__ = ["BadInput", "Monitor"]

@@ -5,9 +5,10 @@ Read once at start and validated; an error names the setting and what was expect
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -15,6 +16,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from detectors.bundle import default_bundle_path
 from detectors.errors import MisalignError
+from service.review.settings import ReviewSettings
+
+RedactionName = Literal["email", "phone", "api_key"]  # service/redaction.py BUILTIN
 
 
 class SettingsError(MisalignError):
@@ -49,6 +53,24 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(
         default=None, description="redis://, rediss:// or unix://; unset: start an embedded redis"
     )
+    # Redis credentials and TLS (service/redis_conn.py): secrets from the environment
+    # (MISALIGN_REDIS_PASSWORD) or from a file, never from a settings file checked into a repo.
+    redis_url_file: Path | None = Field(default=None, description="a file holding redis_url")
+    redis_username: str | None = Field(default=None, description="ACL user; default: 'default'")
+    redis_password: SecretStr | None = None
+    redis_password_file: Path | None = Field(default=None, description="a file holding it")
+    redis_tls_ca: Path | None = Field(default=None, description="CA bundle to verify Redis with")
+    redis_tls_cert: Path | None = Field(default=None, description="client certificate (mTLS)")
+    redis_tls_key: Path | None = None
+    redis_tls_check_hostname: bool = True
+    # Flagged samples are redacted before they are queued (service/redaction.py).
+    redact: bool = Field(default=True, description="redact e-mails, phones, keys in samples")
+    redact_builtin: list[RedactionName] = Field(
+        default_factory=lambda: list(get_args(RedactionName)), description="built-in patterns"
+    )
+    redact_patterns: dict[str, str] = Field(
+        default_factory=dict, description="more patterns, name: regular expression"
+    )
     state_dir: Path = Field(default_factory=_state_dir)
     stream: str = "misalign:flagged"
     dead_letter_stream: str = "misalign:flagged:dead"
@@ -61,9 +83,22 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=600.0, gt=0, description="expire unfinished requests")
     max_requests: int = Field(default=100_000, gt=0, description="requests tracked at once")
     max_tokens_per_request: int = Field(default=32_768, gt=0)
+    max_rows: int = Field(
+        default=4_000_000,
+        gt=0,
+        description="token rows held at once, all requests together: the memory bound "
+        "(each row costs 24 + 4 k bytes; 4M rows at k = 16 is 352 MB)",
+    )
     max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     recent_scores: int = Field(default=10_000, gt=0, description="finished scores kept for lookup")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    drift_window: int = Field(default=500, gt=0, description="request scores per drift window")
+    drift_min_requests: int = Field(
+        default=100, gt=0, description="scores in the window before drift gauges are reported"
+    )
+    review: ReviewSettings = Field(
+        default_factory=ReviewSettings, description="the review page (service/review)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -71,8 +106,20 @@ class Settings(BaseSettings):
             raise ValueError("set grpc_port or unix_socket (or both): the server needs a listener")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        if self.drift_min_requests > self.drift_window:
+            raise ValueError("drift_min_requests must not exceed drift_window")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        from service.redis_conn import check_redis_settings
+
+        check_redis_settings(self)
+        for name, pattern in self.redact_patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"redact_patterns.{name}: not a regular expression ({exc})"
+                ) from None
         for name in ("bundle", "tls_cert", "tls_key", "tls_client_ca", "tokenizer"):
             p = getattr(self, name)
             if p is not None and not Path(p).is_file():
@@ -93,8 +140,9 @@ class Settings(BaseSettings):
 
     def redacted(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
-        if self.redis_url is not None:
-            out["redis_url"] = "**********"
+        for name in ("redis_url", "redis_password"):
+            if getattr(self, name) is not None:
+                out[name] = "**********"
         return out
 
 
@@ -128,6 +176,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             loc = ".".join(str(p) for p in err["loc"]) or "settings"
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(
-                f"setting '{loc}' (env MISALIGN_{loc.upper()}): {msg}" if err["loc"] else msg
+                f"setting '{loc}' (env MISALIGN_{str(err['loc'][0]).upper()}): {msg}"
+                if err["loc"]
+                else msg
             )
         raise SettingsError(where + "; ".join(problems)) from None

@@ -96,9 +96,7 @@ def start_sidecar(
     deadline = time.monotonic() + timeout_s
     while not ready.exists() or not ready.read_text().strip():
         if proc.poll() is not None:
-            raise MisalignError(
-                f"the sidecar exited with status {proc.returncode} before serving"
-            )
+            raise MisalignError(f"the sidecar exited with status {proc.returncode} before serving")
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait()

@@ -279,6 +279,19 @@ async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path
             "is_response",
         ),
         (lambda m: m.request_ids.append("extra"), "row_count", "row_offsets has"),
+        (
+            lambda m: m.mitigation.extend(["ablate:toxic@always"] * (len(m.request_ids) + 1)),
+            "mitigation",
+            "mitigation has",
+        ),
+        (
+            lambda m: (
+                m.mitigation.extend([""] * len(m.request_ids)),
+                setattr(m, "mitigated", b"\x01"),
+            ),
+            "mitigation",
+            "mitigated has 1 bytes",
+        ),
     ],
     ids=[
         "k",
@@ -291,6 +304,8 @@ async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path
         "bundle",
         "role",
         "ids",
+        "mitigation-labels",
+        "mitigated-rows",
     ],
 )
 async def test_bad_batches_get_invalid_argument_and_the_server_keeps_serving(
@@ -418,3 +433,90 @@ async def test_health_reflection_and_unix_socket(sidecar: Sidecar) -> None:
         async for r in refl.ServerReflectionInfo(ask()):
             names = {sv.name for sv in r.list_services_response.service}
             assert "misalign.v1.Monitor" in names and "grpc.health.v1.Health" in names
+
+
+async def test_activations_and_mitigation_from_the_tap(
+    sidecar: Sidecar, redis_server: RedisServer
+) -> None:
+    """The tap sends activations (bias added) and marks mitigated requests and rows: scores equal
+    the raw projections' scores, and the mitigation shows in the score, metrics and sample."""
+    reqs = synthetic_requests(4, seed=5, flag_every=2)  # req-5-0 and req-5-2 are flagged
+    batches = list(stream_requests(BUNDLE.bundle_id, K, reqs))
+    for b in batches:
+        proj = np.frombuffer(b.projections, "<f4").reshape(-1, K)
+        b.projections = (proj + BUNDLE.bias).astype("<f4").tobytes()
+        b.activated = True
+        # Requests 0 and 1 are mitigated on every row.
+        b.mitigation.extend(
+            [
+                "ablate:misaligned_persona@always" if r.endswith(("-0", "-1")) else ""
+                for r in b.request_ids
+            ]
+        )
+        changed = np.zeros(len(b.is_response), np.int8)
+        for i, r in enumerate(b.request_ids):
+            if r.endswith(("-0", "-1")):
+                changed[b.row_offsets[i] : b.row_offsets[i + 1]] = 1
+        b.mitigated = changed.tobytes()
+    ch, s = stub(sidecar)
+    await send(s, batches)
+    for rid, _pos, _tok, roles, proj in reqs:
+        got = await s.GetRequestScore(pb.GetRequestScoreRequest(request_id=rid))
+        want = score_request(BUNDLE, token_scores(BUNDLE, proj), roles)
+        assert [g.score for g in got.features] == pytest.approx([w.score for w in want], rel=1e-5)
+        mitigated = rid.endswith(("-0", "-1"))
+        assert got.mitigation == ("ablate:misaligned_persona@always" if mitigated else "")
+        assert got.mitigated_tokens == (len(roles) if mitigated else 0)
+    text = metrics_text(sidecar)
+    lab = {"model": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id, "mode": "ablate"}
+    assert sample(text, "misalign_requests_mitigated_total", flagged="yes", **lab) == 1
+    assert sample(text, "misalign_requests_mitigated_total", flagged="no", **lab) == 1
+    del lab["mode"]
+    assert sample(text, "misalign_tokens_mitigated_total", **lab) == len(reqs[0][1]) + len(
+        reqs[1][1]
+    )
+    r = redis_server.client()
+    await wait_for(lambda: r.xlen("misalign:flagged") >= 2)
+    marks = {e[1]["request_id"]: e[1]["mitigation"] for e in r.xrange("misalign:flagged")}
+    assert marks == {"req-5-0": "ablate:misaligned_persona@always", "req-5-2": ""}
+    await ch.close()
+
+
+async def test_trimming_the_stream_dead_letters_every_sample_not_yet_decided(
+    redis_server: RedisServer,
+) -> None:
+    """At its maximum length the stream drops its oldest entries; one the reviewers decided goes
+    quietly, one they hold or never read goes to the dead letters with its fields first."""
+    import redis.asyncio as aioredis
+
+    from service.flags import FlagQueue
+    from service.metrics import Metrics
+
+    q = FlagQueue(
+        aioredis.Redis(unix_socket_path=str(redis_server.socket)),
+        Metrics(BUNDLE),
+        stream="flags",
+        group="reviewers",
+        dead_letter_stream="flags:dead",
+        maxlen=3,
+        buffer_size=10,
+        dedup_ttl_s=60,
+    )
+    await q.start()
+    r = redis_server.client()
+    try:
+        for i in range(3):
+            q.put({"n": str(i)}, f"r{i}")
+        await wait_for(lambda: r.xlen("flags") == 3)
+        read = r.xreadgroup("reviewers", "alice", {"flags": ">"}, count=2)[0][1]
+        r.xack("flags", "reviewers", read[0][0])  # r0 decided; r1 held by alice, undecided
+        for i in range(3, 6):
+            q.put({"n": str(i)}, f"r{i}")
+        await wait_for(lambda: q.metrics.queue_pushes._value.get() == 6)
+        assert [e[1]["request_id"] for e in r.xrange("flags")] == ["r3", "r4", "r5"]
+        dead = r.xrange("flags:dead")
+        assert [e[1]["request_id"] for e in dead] == ["r1", "r2"]  # held, then never read
+        assert all(e[1]["n"] and "trimmed" in e[1]["dead_reason"] for e in dead)
+        assert r.xpending("flags", "reviewers")["pending"] == 0  # r1 acknowledged as dead
+    finally:
+        await q.close()
