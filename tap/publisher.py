@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -34,6 +35,25 @@ def _client_id(request_id: str) -> str:
     return request_id
 
 
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One engine step's rows as the engine thread hands them over."""
+
+    step: int
+    req_ids: list[str]
+    offsets: np.ndarray
+    positions: np.ndarray
+    token_ids: np.ndarray
+    roles: np.ndarray
+    proj: np.ndarray
+    labels: list[str] | None
+    applied: np.ndarray | None
+
+
+def _rows(item: _Step | pb.StepBatch) -> int:
+    return len(item.roles) if isinstance(item, _Step) else len(item.is_response)
+
+
 class Publisher:
     def __init__(self, settings: TapSettings, bundle: Bundle, model_name: str) -> None:
         self.settings = settings
@@ -41,13 +61,13 @@ class Publisher:
         self.k = bundle.k
         self.model_name = model_name
         self.sender_id = f"tap-{uuid.uuid4().hex[:12]}"
-        self.queue: queue.Queue[pb.StepBatch] = queue.Queue(maxsize=settings.queue_size)
+        self.queue: queue.Queue[_Step | pb.StepBatch] = queue.Queue(maxsize=settings.queue_size)
         self.rows_dropped: Counter[str] = Counter()
         self.steps_dropped: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._step = 0
         self.connected = False
-        self._in_flight: pb.StepBatch | None = None
+        self._in_flight: _Step | pb.StepBatch | None = None
         self._thread = threading.Thread(
             target=self._run, name="misalign-tap-publisher", daemon=True
         )
@@ -69,26 +89,33 @@ class Publisher:
         labels: list[str] | None = None,
         applied: np.ndarray | None = None,
     ) -> None:
-        """Called on the engine's thread: build the message and hand it over, or drop it.
+        """Called on the engine's thread: hand the step's arrays over (the publisher thread
+        builds the message), or drop them. The arrays must be the caller's own copies.
 
         ``labels`` (per request) and ``applied`` (per row, int8) describe mitigation, if any."""
         self._step += 1
-        msg = pb.StepBatch(
+        self._put(
+            _Step(self._step, req_ids, offsets, positions, token_ids, roles, proj, labels, applied)
+        )
+
+    def _build(self, item: _Step | pb.StepBatch) -> pb.StepBatch:
+        if not isinstance(item, _Step):
+            return item  # a finish notice, built by the scheduler's thread
+        return pb.StepBatch(
             bundle_id=self.bundle_id,
             sender_id=self.sender_id,
-            step=self._step,
-            request_ids=req_ids,
-            row_offsets=offsets.tolist(),
-            positions=positions.astype("<u4").tobytes(),
-            token_ids=token_ids.astype("<u4").tobytes(),
-            is_response=roles.tobytes(),
+            step=item.step,
+            request_ids=item.req_ids,
+            row_offsets=item.offsets.tolist(),
+            positions=np.asarray(item.positions, "<u4").tobytes(),
+            token_ids=np.asarray(item.token_ids, "<u4").tobytes(),
+            is_response=item.roles.tobytes(),
             k=self.k,
-            projections=np.ascontiguousarray(proj, dtype="<f4").tobytes(),
+            projections=np.ascontiguousarray(item.proj, dtype="<f4").tobytes(),
             activated=True,
-            mitigation=labels or [],
-            mitigated=applied.tobytes() if applied is not None else b"",
+            mitigation=item.labels or [],
+            mitigated=item.applied.tobytes() if item.applied is not None else b"",
         )
-        self._put(msg)
 
     def finish(self, request_id: str, reason: str) -> None:
         """A request ended (called by the scheduler, after its last step was submitted)."""
@@ -112,11 +139,11 @@ class Publisher:
         )
         self._put(msg)
 
-    def _put(self, msg: pb.StepBatch) -> None:
+    def _put(self, item: _Step | pb.StepBatch) -> None:
         try:
-            self.queue.put_nowait(msg)
+            self.queue.put_nowait(item)
         except queue.Full:
-            self.count_drop(len(msg.is_response), "queue_full")
+            self.count_drop(_rows(item), "queue_full")
 
     def _with_drops(self, msg: pb.StepBatch) -> pb.StepBatch:
         with self._lock:
@@ -133,7 +160,7 @@ class Publisher:
             except queue.Empty:
                 continue
             self._in_flight = msg
-            yield self._with_drops(msg)
+            yield self._with_drops(self._build(msg))
             self._in_flight = None
 
     def _drain_as_dropped(self, reason: str) -> None:
@@ -142,7 +169,7 @@ class Publisher:
                 msg = self.queue.get_nowait()
             except queue.Empty:
                 return
-            self.count_drop(len(msg.is_response), reason)
+            self.count_drop(_rows(msg), reason)
 
     def _run(self) -> None:
         target = self.settings.sidecar
@@ -170,7 +197,7 @@ class Publisher:
             except grpc.RpcError as exc:
                 log.warning("misalign tap: stream to %s ended (%s)", target, exc.code())
                 if self._in_flight is not None:
-                    self.count_drop(len(self._in_flight.is_response), "sidecar_unavailable")
+                    self.count_drop(_rows(self._in_flight), "sidecar_unavailable")
                     self._in_flight = None
             finally:
                 stop.set()
