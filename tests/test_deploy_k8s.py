@@ -289,3 +289,19 @@ def test_compose_file_fits_together() -> None:
     job = prom["scrape_configs"][0]
     assert job["job_name"] == JOB
     assert job["static_configs"][0]["targets"] == [f"sidecar:{env['MISALIGN_METRICS_PORT']}"]
+
+
+def test_every_project_image_in_the_manifests_has_a_dockerfile() -> None:
+    """Images named misalign-monitor/NAME are built from deploy/docker/NAME.Dockerfile, which
+    installs this package (the plugin's entry point and the CLI come with it)."""
+    texts = [p.read_text() for p in (ROOT / "deploy").rglob("*.yaml")]
+    names = {
+        line.split("misalign-monitor/", 1)[1].split(":")[0].strip()
+        for t in texts
+        for line in t.splitlines()
+        if "image:" in line and "misalign-monitor/" in line
+    }
+    assert names == {"sidecar", "vllm-tap"}
+    for name in names:
+        text = (ROOT / "deploy" / "docker" / f"{name}.Dockerfile").read_text()
+        assert "COPY tap tap" in text and "pip install --no-cache-dir ." in text

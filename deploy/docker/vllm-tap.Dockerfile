@@ -1,0 +1,15 @@
+# vLLM's OpenAI-compatible server with the tap plugin installed (misalign-monitor/vllm-tap).
+#   docker build -f deploy/docker/vllm-tap.Dockerfile -t misalign-monitor/vllm-tap:0.1.0 .
+#   CPU: --build-arg BASE=<a vllm-cpu image> -t misalign-monitor/vllm-tap:0.1.0-cpu
+# The plugin is inactive until MISALIGN_TAP_BUNDLE is set (the manifests set it). The project's
+# own dependencies are installed, vLLM and torch are the base image's. Not built in this
+# project's CI: its machines have no Docker engine.
+ARG BASE=vllm/vllm-openai:v0.11.0
+FROM ${BASE}
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY detectors detectors
+COPY service service
+COPY tap tap
+RUN pip install --no-cache-dir . && rm -rf /src
+ENTRYPOINT ["python3", "-m", "vllm.entrypoints.openai.api_server"]
