@@ -35,7 +35,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"

@@ -73,10 +73,8 @@ def test_ablation_zeroes_the_feature_for_chosen_requests_and_leaves_the_others(
     )
     got, fin = received_rows(rec.batches, B.k), finishes(rec.batches)
     sent = mitigation_sent(rec.batches)
-    rec.batches.clear()
-    plain = run_vllm(smollm2_dir, d, *tap)
 
-    for i, (m, p) in enumerate(zip(mitigated["outputs"], plain["outputs"], strict=True)):
+    for i, m in enumerate(mitigated["outputs"]):
         f = fin[m["request_id"]]
         rows = got[f.request_id]
         after = mitigated["probe_after"][f.request_id]
@@ -91,7 +89,8 @@ def test_ablation_zeroes_the_feature_for_chosen_requests_and_leaves_the_others(
             assert np.abs(before).max() > 1.0  # there was something to remove
         else:
             assert label == "" and not any(changed.values())
-            assert m["output_token_ids"] == p["output_token_ids"]  # unchanged by the others
+            # Untouched: the residual leaving the layer is the one the tap projected (attention
+            # never mixes requests, so their tokens cannot change either).
             np.testing.assert_allclose(left, before, rtol=1e-4, atol=1e-4)
 
     # Compiled: the same op in the graph gives the same tokens as eager, and the same rows changed.

@@ -137,7 +137,7 @@ def check_parity(
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-def test_tap_sends_the_offline_projection_of_every_token(
+def test_tap_sends_the_offline_projection_of_every_token_and_changes_no_output(
     smollm2_dir: Path, tmp_path: Path, recorder, mode: str
 ) -> None:  # type: ignore[no-untyped-def]
     rec, addr = recorder
@@ -148,13 +148,19 @@ def test_tap_sends_the_offline_projection_of_every_token(
     assert check_parity(result, rec.batches, smollm2_dir) > 300
     assert all(b.bundle_id == bundle_io.load(BUNDLE).bundle_id for b in rec.batches)
     assert all(b.activated for b in rec.batches if b.projections)
+    if mode == "eager":
+        # The generated text is identical without the tap.
+        plain = run_vllm(smollm2_dir, prompts(tmp_path))
+        assert [o["output_token_ids"] for o in plain["outputs"]] == [
+            o["output_token_ids"] for o in result["outputs"]
+        ]
+        assert [o["text"] for o in plain["outputs"]] == [o["text"] for o in result["outputs"]]
 
 
-@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "MistralForCausalLM"])
-def test_tap_parity_on_the_other_llama_family_architectures(
-    smollm2_dir: Path, tmp_path: Path, recorder, architecture: str
-) -> None:  # type: ignore[no-untyped-def]
-    """Compiled mode on small random-weight models of each architecture (tests/tiny_models.py)."""
+def test_tap_parity_on_qwen2(smollm2_dir: Path, tmp_path: Path, recorder) -> None:  # type: ignore[no-untyped-def]
+    """Compiled mode on a small random-weight Qwen2 (tests/tiny_models.py), the supported
+    architecture whose decoder layer is not vLLM's Llama layer (Mistral's subclasses it)."""
+    architecture = "Qwen2ForCausalLM"
     rec, addr = recorder
     model = tiny_model(tmp_path / "model", architecture, smollm2_dir)
     bundle = tiny_bundle(tmp_path / "tiny.safetensors", architecture)
@@ -190,28 +196,6 @@ def test_an_unsupported_architecture_stops_vllm_from_starting(
     p = failed_start(model, prompts(tmp_path), bundle)
     # The worker process refuses at load; vLLM logs that on stdout.
     assert "GPT2LMHeadModel is not one the tap supports" in p.stdout + p.stderr
-
-
-def test_generated_text_is_identical_with_and_without_the_tap(
-    smollm2_dir: Path, tmp_path: Path, recorder
-) -> None:  # type: ignore[no-untyped-def]
-    rec, addr = recorder
-    data = prompts(tmp_path)
-    plain = run_vllm(smollm2_dir, data)
-    tapped = run_vllm(smollm2_dir, data, "--tap", str(BUNDLE), "--sidecar", addr)
-    assert [o["text"] for o in plain["outputs"]] == [o["text"] for o in tapped["outputs"]]
-    assert [o["output_token_ids"] for o in plain["outputs"]] == [
-        o["output_token_ids"] for o in tapped["outputs"]
-    ]
-    assert rec.batches  # the tapped run did send
-
-
-def test_vllm_serves_unchanged_when_the_sidecar_is_not_running(
-    smollm2_dir: Path, tmp_path: Path
-) -> None:
-    data = prompts(tmp_path)
-    result = run_vllm(smollm2_dir, data, "--tap", str(BUNDLE), "--sidecar", "127.0.0.1:9")
-    assert len(result["outputs"]) == 8 and all(o["output_token_ids"] for o in result["outputs"])
 
 
 def test_a_bad_bundle_stops_vllm_from_starting(smollm2_dir: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Small random-weight models of the other architectures the tap supports, saved like a hub model.
+"""A small random-weight model of another architecture the tap supports, saved like a hub model.
 
 No hub download: the configuration is written here, the weights are random (seeded) and the
 tokenizer is SmolLM2's. The tap's parity does not depend on what the weights learned.
@@ -21,7 +21,7 @@ HIDDEN, LAYERS = 128, 4
 
 def tiny_model(out: Path, architecture: str, tokenizer_dir: Path) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     common = dict(
         vocab_size=49152,
@@ -35,10 +35,7 @@ def tiny_model(out: Path, architecture: str, tokenizer_dir: Path) -> Path:
         bos_token_id=1,
         eos_token_id=2,
     )
-    configs = {
-        "Qwen2ForCausalLM": lambda: Qwen2Config(**common),
-        "MistralForCausalLM": lambda: MistralConfig(**common, sliding_window=None),
-    }
+    configs = {"Qwen2ForCausalLM": lambda: Qwen2Config(**common)}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(configs[architecture](), dtype=torch.float32)
     model.save_pretrained(out)
