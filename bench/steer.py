@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from detectors import bundle as bundle_io  # noqa: E402
 from detectors.model_store import prepare_smollm2  # noqa: E402
 from detectors.transcripts import read_jsonl  # noqa: E402
 from service.sidecar_process import start_sidecar  # noqa: E402
+from service.vllm_server import vllm_env  # noqa: E402
 
 EM_DEV = ROOT.parent / "shared" / "data" / "emergent_misalignment" / "dev.jsonl"
 PERSONAS = ROOT / "detectors" / "data" / "persona_prompts.json"
@@ -176,8 +176,7 @@ def main() -> int:
     from service.rpc import monitor_pb2_grpc as pb_grpc
 
     with start_sidecar(work, "--bundle", str(bundle)) as sidecar:
-        env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-        env.update(
+        env = vllm_env(
             VLLM_LOGGING_LEVEL="WARNING",
             MISALIGN_TAP_BUNDLE=str(bundle),
             MISALIGN_TAP_SIDECAR=sidecar.address,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from detectors.bundle import ModelRef  # noqa: E402
 from detectors.demo import DEMO_CONVERSATIONS  # noqa: E402
 from detectors.model_store import prepare_smollm2  # noqa: E402
 from service.sidecar_process import start_sidecar  # noqa: E402
+from service.vllm_server import vllm_env  # noqa: E402
 
 
 def k16_bundle(path: Path) -> Path:
@@ -42,9 +42,7 @@ def k16_bundle(path: Path) -> Path:
 
 
 def run(model: Path, data: Path, extra: list[str], rounds: int, max_tokens: int) -> list[float]:
-    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    env["VLLM_LOGGING_LEVEL"] = "WARNING"
-    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function (hook mode)
+    env = vllm_env(VLLM_LOGGING_LEVEL="WARNING")
     p = subprocess.run(
         [
             sys.executable,

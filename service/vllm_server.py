@@ -22,6 +22,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def vllm_env(**overrides: str) -> dict[str, str]:
+    """This process's environment for a vLLM child, with ``overrides``. TQDM_DISABLE is left out:
+    vLLM divides by tqdm's clock, which a disabled bar never starts."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    env.update(overrides)
+    return env
+
+
 def start(
     model_dir: Path,
     port: int,
@@ -32,9 +40,7 @@ def start(
     model_version: str = "demo",
     compiled: bool = False,
 ) -> subprocess.Popen[bytes]:
-    env = {
-        k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"
-    }  # vLLM divides by tqdm's clock
+    env = vllm_env()
     if bundle is not None:
         env.update(
             MISALIGN_TAP_BUNDLE=str(bundle),

@@ -7,7 +7,6 @@ its settings from the environment when they start.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from detectors.activations import ActivationReader
 from detectors.bundle import ModelRef
 from detectors.scoring import project, token_scores
 from service.rpc import monitor_pb2 as pb
+from service.vllm_server import vllm_env
 from tests.conftest import ROOT
 from tests.tiny_models import tiny_bundle, tiny_model
 
@@ -53,11 +53,7 @@ def run_vllm(model: Path, data: Path, *extra: str, timeout: int = 900) -> dict: 
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env={
-            k: v
-            for k, v in {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}.items()
-            if k != "TQDM_DISABLE"
-        },
+        env=vllm_env(VLLM_LOGGING_LEVEL="WARNING"),
     )
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-3000:]
