@@ -118,16 +118,15 @@ def component_costs(bundle_path: Path, batch: int, repeat: int = 2000) -> dict[s
     # A sidecar address nobody answers: the publisher thread counts the steps as dropped, which
     # costs the engine thread nothing more than a send would.
     cfg = state.Active(TapSettings(bundle=bundle_path, sidecar="127.0.0.1:9"), b, layer=layer)
-    positions = torch.arange(100, 100 + batch)
     runner = SimpleNamespace(
         input_batch=SimpleNamespace(
             num_reqs=batch,
             req_ids=[f"req-{i}-0123abcd" for i in range(batch)],
             num_prompt_tokens=np.full(batch, 50, np.int64),
+            num_computed_tokens_cpu=np.arange(100, 100 + batch, dtype=np.int32),
         ),
         query_start_loc=SimpleNamespace(np=np.arange(batch + 1, dtype=np.int32)),
-        positions=positions,
-        input_ids=SimpleNamespace(cpu=torch.randint(0, 49152, (rows,))),
+        input_ids=SimpleNamespace(gpu=torch.randint(0, 49152, (rows,), dtype=torch.int32)),
     )
     so = SimpleNamespace(total_num_scheduled_tokens=batch)
     host_us = _median_us(lambda: runner_hook.capture(runner, so, cfg), repeat)

@@ -103,6 +103,8 @@ class Mitigation:
     default_rules: tuple[Rule, ...]
     default_on: bool
     _requests: dict[str, _Request] = field(default_factory=dict)
+    # steps observed whose sums are not added yet: (ids, offsets, roles, activations, ready)
+    _behind: list[tuple[list[str], np.ndarray, np.ndarray, Any, Any]] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -142,6 +144,7 @@ class Mitigation:
         self, runner: Any, req_ids: list[str], offsets: np.ndarray, roles: np.ndarray
     ) -> np.ndarray:
         """Control rows ``[n, ctl_width]`` for the step about to run."""
+        self._catch_up()
         k = self.k
         per_req = np.zeros((len(req_ids), ctl_width(k)), np.float32)
         for i, rid in enumerate(req_ids):
@@ -160,23 +163,42 @@ class Mitigation:
         assert rows.shape[1] == CTL_BLOCKS * k + 1
         return rows
 
-    def observe(
-        self, req_ids: list[str], offsets: np.ndarray, roles: np.ndarray, activations: np.ndarray
-    ) -> list[str]:
-        """After the step: running response sums for the next step's gate; each request's label
-        ("" unmitigated) for the batch the sidecar gets."""
-        labels = []
-        for i, rid in enumerate(req_ids):
+    def labels(self, req_ids: list[str]) -> list[str]:
+        """Each request's label ("" unmitigated) for the batch the sidecar gets."""
+        out = []
+        for rid in req_ids:
             r = self._requests.get(rid)
-            if r is None or not r.rules:
-                labels.append("")
-                continue
-            sl = slice(int(offsets[i]), int(offsets[i + 1]))
-            resp = roles[sl] == 1
-            r.resp_sum += activations[sl][resp].sum(axis=0, dtype=np.float64)
-            r.resp_n += int(resp.sum())
-            labels.append(r.label)
-        return labels
+            out.append(r.label if r is not None and r.rules else "")
+        return out
+
+    def observe(
+        self,
+        req_ids: list[str],
+        offsets: np.ndarray,
+        roles: np.ndarray,
+        activations: Any,
+        ready: Any = None,
+    ) -> None:
+        """After the step: its activations (an array, or a host tensor that a device copy fills
+        until the event ``ready``) for the running response sums of the next step's gate. They
+        are added when the next step asks for its controls, so the engine thread waits for the
+        copy only then, if at all."""
+        self._behind.append((req_ids, offsets, roles, activations, ready))
+
+    def _catch_up(self) -> None:
+        behind, self._behind = self._behind, []
+        for req_ids, offsets, roles, activations, ready in behind:
+            if ready is not None:
+                ready.synchronize()
+            act = np.asarray(activations.numpy() if hasattr(activations, "numpy") else activations)
+            for i, rid in enumerate(req_ids):
+                r = self._requests.get(rid)
+                if r is None or not r.rules:
+                    continue
+                sl = slice(int(offsets[i]), int(offsets[i + 1]))
+                resp = roles[sl] == 1
+                r.resp_sum += act[sl][resp].sum(axis=0, dtype=np.float64)
+                r.resp_n += int(resp.sum())
 
     def forget(self, req_ids: set[str]) -> None:
         """Requests the scheduler finished (it tells the worker in the next step's output)."""

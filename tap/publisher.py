@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -43,11 +44,16 @@ class _Step:
     req_ids: list[str]
     offsets: np.ndarray
     positions: np.ndarray
-    token_ids: np.ndarray
+    token_ids: Any
     roles: np.ndarray
-    proj: np.ndarray
+    proj: Any  # an array, or a host tensor (as are token_ids, applied) complete once ``ready`` is
     labels: list[str] | None
-    applied: np.ndarray | None
+    applied: Any
+    ready: Any = None  # a device event, None when the arrays are complete
+
+
+def _host(x: Any) -> np.ndarray:
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
 
 
 def _rows(item: _Step | pb.StepBatch) -> int:
@@ -83,24 +89,42 @@ class Publisher:
         req_ids: list[str],
         offsets: np.ndarray,
         positions: np.ndarray,
-        token_ids: np.ndarray,
+        token_ids: Any,
         roles: np.ndarray,
-        proj: np.ndarray,
+        proj: Any,
         labels: list[str] | None = None,
-        applied: np.ndarray | None = None,
+        applied: Any = None,
+        ready: Any = None,
     ) -> None:
         """Called on the engine's thread: hand the step's arrays over (the publisher thread
-        builds the message), or drop them. The arrays must be the caller's own copies.
+        builds the message), or drop them. The arrays must be the caller's own copies;
+        ``token_ids``, ``proj`` and ``applied`` may be host tensors that a device copy fills
+        until the event ``ready`` (the publisher thread waits for it).
 
-        ``labels`` (per request) and ``applied`` (per row, int8) describe mitigation, if any."""
+        ``labels`` (per request) and ``applied`` (per row, nonzero where mitigated) describe
+        mitigation, if any."""
         self._step += 1
         self._put(
-            _Step(self._step, req_ids, offsets, positions, token_ids, roles, proj, labels, applied)
+            _Step(
+                self._step,
+                req_ids,
+                offsets,
+                positions,
+                token_ids,
+                roles,
+                proj,
+                labels,
+                applied,
+                ready,
+            )
         )
 
     def _build(self, item: _Step | pb.StepBatch) -> pb.StepBatch:
         if not isinstance(item, _Step):
             return item  # a finish notice, built by the scheduler's thread
+        if item.ready is not None:
+            item.ready.synchronize()
+        applied = _host(item.applied).astype(np.int8) if item.applied is not None else None
         return pb.StepBatch(
             bundle_id=self.bundle_id,
             sender_id=self.sender_id,
@@ -108,13 +132,13 @@ class Publisher:
             request_ids=item.req_ids,
             row_offsets=item.offsets.tolist(),
             positions=np.asarray(item.positions, "<u4").tobytes(),
-            token_ids=np.asarray(item.token_ids, "<u4").tobytes(),
+            token_ids=np.asarray(_host(item.token_ids), "<u4").tobytes(),
             is_response=item.roles.tobytes(),
             k=self.k,
-            projections=np.ascontiguousarray(item.proj, dtype="<f4").tobytes(),
+            projections=np.ascontiguousarray(_host(item.proj), dtype="<f4").tobytes(),
             activated=True,
             mitigation=item.labels or [],
-            mitigated=item.applied.tobytes() if item.applied is not None else b"",
+            mitigated=applied.tobytes() if applied is not None else b"",
         )
 
     def finish(self, request_id: str, reason: str) -> None:

@@ -1,9 +1,12 @@
 """Host side, once per engine step: which buffer row belongs to which request and position.
 
-Wraps the model runner's ``execute_model``. After the forward, the step's layout is on the host:
-``input_batch.req_ids``, ``query_start_loc`` (row offsets), ``positions`` and ``input_ids``; rows
-past the scheduled token count are padding and are never read. Failures here are counted and
-logged once; they never reach the engine.
+Wraps the model runner's ``execute_model``. After the forward is queued, the step's layout is on
+the host: ``input_batch.req_ids``, ``query_start_loc`` (row offsets) and the computed-token counts
+that positions are made from, as vLLM makes them in ``_prepare_inputs``; rows past the scheduled
+token count are padding and are never read. The rows themselves (projections, and the token ids
+the model read, which under async scheduling only the device holds) are copied off the device
+behind the forward on its stream; the engine thread never waits for them (see ``_off_device``).
+Failures here are counted and logged once; they never reach the engine.
 """
 
 from __future__ import annotations
@@ -142,14 +145,39 @@ def _is_rank0() -> bool:
 
 
 def _layout(runner: Any, n: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """This step's request ids, row offsets, positions and roles (0 prompt, 1 response)."""
+    """This step's request ids, row offsets, positions and roles (0 prompt, 1 response), from
+    host state only: ``runner.positions`` lives on the device, and reading it would make the
+    engine thread wait for the forward."""
     num_reqs = runner.input_batch.num_reqs
     req_ids = list(runner.input_batch.req_ids[:num_reqs])
     offsets = np.asarray(runner.query_start_loc.np[: num_reqs + 1], dtype=np.int64).copy()
-    positions = runner.positions[:n].to("cpu").numpy().astype(np.int64)
+    lens = np.diff(offsets)
+    # As vLLM's _prepare_inputs: computed tokens before this step + the row's place in its chunk.
+    computed = np.asarray(runner.input_batch.num_computed_tokens_cpu[:num_reqs], dtype=np.int64)
+    positions = np.repeat(computed - offsets[:-1], lens) + np.arange(n, dtype=np.int64)
     num_prompt = np.asarray(runner.input_batch.num_prompt_tokens[:num_reqs], dtype=np.int64)
-    roles = (positions >= np.repeat(num_prompt, np.diff(offsets))).astype(np.int8)
+    roles = (positions >= np.repeat(num_prompt, lens)).astype(np.int8)
     return req_ids, offsets, positions, roles
+
+
+def _off_device(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+    """Host copies of ``tensors`` and, on a GPU, the event that marks them complete.
+
+    On a GPU the copies go into pinned memory, queued on the current stream behind the forward
+    that fills the tap's buffer, so they see this step's rows and the next step cannot overwrite
+    them first; whoever reads a copy waits for the event (the publisher thread, or the next
+    step's mitigation controls), never the engine thread here. On the CPU a copy is a memcpy.
+    """
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.to("cpu", copy=True) for t in tensors], None
+    host = []
+    for t in tensors:
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        host.append(h)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def write_controls(runner: Any, so: Any, cfg: state.Active) -> None:
@@ -172,13 +200,27 @@ def capture(runner: Any, so: Any, cfg: state.Active) -> None:
     if n == 0:
         return
     req_ids, offsets, positions, roles = _layout(runner, n)
-    token_ids = np.asarray(runner.input_ids.cpu[:n].numpy(), dtype=np.int64).copy()
-    proj = cfg.layer.tap_out[:n].to("cpu", copy=True).numpy()
+    layer = cfg.layer
+    # The ids the model read: under async scheduling a decode row's id is written on the device
+    # from the previous step's sample, and input_ids.cpu never holds it.
+    rows = [layer.tap_out[:n], runner.input_ids.gpu[:n]]
+    if cfg.mitigation is not None:
+        rows.append(layer.tap_applied[:n])
+    host, ready = _off_device(rows)
     labels: list[str] = []
     applied = None
     if cfg.mitigation is not None:
-        applied = cfg.layer.tap_applied[:n].to("cpu").numpy().astype(np.int8)
-        labels = cfg.mitigation.observe(req_ids, offsets, roles, proj)
+        applied = host[2]
+        labels = cfg.mitigation.labels(req_ids)
+        cfg.mitigation.observe(req_ids, offsets, roles, host[0], ready)
     publisher(cfg).submit(
-        req_ids, offsets, positions, token_ids, roles, proj, labels=labels, applied=applied
+        req_ids,
+        offsets,
+        positions,
+        host[1],
+        roles,
+        host[0],
+        labels=labels,
+        applied=applied,
+        ready=ready,
     )
