@@ -1,6 +1,6 @@
 """Ingest load: stream engine-like step batches to a real sidecar process over a real socket.
 
-    python bench/ingest.py [--requests 256] [--k 16] [--steps 1500] [--json]
+    python bench/ingest.py [--requests 256] [--k 16] [--steps 4000] [--json]
 
 The sidecar runs as `misalign-monitor serve` pinned to one core (taskset, when present), with its
 own real Redis; the load generator runs in this process on the other core. Each step carries one
@@ -202,7 +202,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--lifetime", type=int, default=48, help="decode steps per request (mean)")
     ap.add_argument("--prefill", type=int, default=64, help="prompt rows per request, one chunk")
-    ap.add_argument("--steps", type=int, default=1500, help="steps in the throughput phase")
+    ap.add_argument("--steps", type=int, default=4000, help="steps in the throughput phase")
     ap.add_argument(
         "--paced-rate", type=float, default=30_000, help="rows/s offered in the latency phase"
     )

@@ -36,7 +36,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Monitor"].full_name
 
 
 class MonitorServicer(pb_grpc.MonitorServicer):
-    def __init__(self, monitor: Monitor, score_delay_s: float = 0.002) -> None:
+    def __init__(self, monitor: Monitor, score_delay_s: float = 0.005) -> None:
         self.monitor = monitor
         # Requests finished in a step wait this long for those of the next steps, so that under
         # load one scoring pass covers several steps; a lookup of a waiting one scores it at once.
@@ -236,7 +236,9 @@ async def start(settings: Settings) -> Sidecar:
     ]
     guard = MalformedMessageInterceptor(metrics, f"/{SERVICE_NAME}/")
     server = grpc.aio.server(options=opts, interceptors=[guard])
-    pb_grpc.add_MonitorServicer_to_server(MonitorServicer(monitor), server)
+    pb_grpc.add_MonitorServicer_to_server(
+        MonitorServicer(monitor, settings.score_delay_ms / 1e3), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     recent_scores: int = Field(default=10_000, gt=0, description="finished scores kept for lookup")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    score_delay_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="how long a finished request waits for others to be scored in one pass",
+    )
     drift_window: int = Field(default=500, gt=0, description="request scores per drift window")
     drift_min_requests: int = Field(
         default=100, gt=0, description="scores in the window before drift gauges are reported"

@@ -313,14 +313,15 @@ def test_finished_requests_wait_for_a_batch_and_a_lookup_scores_them_at_once() -
     assert [r.request_id for r in mon.flush()] == ["w4"] and mon.flush() == []
 
 
+@pytest.mark.parametrize("delay_ms", [5.0, 300.0])
 async def test_an_open_stream_gets_its_finishes_scored_without_being_asked(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, delay_ms: float
 ) -> None:
-    """The stream stays open after a step finishes a request: the server scores it a moment
-    later by itself (metrics move with no lookup and no end of stream)."""
+    """The stream stays open after a step finishes a request: the server scores it
+    ``score_delay_ms`` later by itself (metrics move with no lookup and no end of stream)."""
     import asyncio
 
-    sc = await make_sidecar(tmp_path, redis_server.url)
+    sc = await make_sidecar(tmp_path, redis_server.url, score_delay_ms=delay_ms)
     try:
         ch, s = stub(sc)
         k = BUNDLE.k
@@ -342,6 +343,9 @@ async def test_an_open_stream_gets_its_finishes_scored_without_being_asked(
             assert loop.time() < end, "not scored while the stream stayed open"
             await asyncio.sleep(0.02)
         assert sc.monitor.pending == 0
+        # finish arrival to score: never before the delay (the timer), and not long after it
+        waited = sample(metrics_text(sc), "misalign_scoring_latency_seconds_sum")
+        assert delay_ms / 1e3 <= waited < delay_ms / 1e3 + 2.0
         done.set()
         assert (await call).finished == 1
         await ch.close()
