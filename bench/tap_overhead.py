@@ -72,22 +72,31 @@ def run(model: Path, data: Path, extra: list[str], rounds: int, max_tokens: int)
     return [r["output_tokens"] / r["seconds"] for r in res["rounds"]]
 
 
-def _median_us(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+def _median_us(fn, repeat: int, sync=lambda: None) -> float:  # type: ignore[no-untyped-def]
+    """Median wall time of ``fn`` in µs; ``sync`` (a device synchronize) is inside the timing
+    when the device's own time is wanted, left out to time what the calling thread spends."""
     for _ in range(repeat // 10 + 1):
         fn()
+    sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e6)
 
 
-def component_costs(bundle_path: Path, batch: int, repeat: int = 2000) -> dict[str, float]:
+def component_costs(
+    bundle_path: Path, batch: int, repeat: int = 2000, device: str = "cpu"
+) -> dict[str, object]:
     """The tap's own work per decode step, timed in isolation (quiet and repeatable, unlike
     whole-engine throughput): the op on ``batch`` rows of SmolLM2's width, and the host side
     (the step's layout, the copy off the buffer, the protobuf message into the publisher's queue).
-    The host side runs ``capture`` on a stand-in for the model runner's batch state."""
+    The host side runs ``capture`` on a stand-in for the model runner's batch state.
+
+    On ``cuda`` the op is timed to the end of its kernel (synchronised each call), the host side
+    as the engine thread sees it (its copies are queued, not waited for); vLLM is not needed."""
     from types import SimpleNamespace
 
     import torch
@@ -99,7 +108,9 @@ def component_costs(bundle_path: Path, batch: int, repeat: int = 2000) -> dict[s
     projection_op.register()
     b = bundle_io.load(bundle_path)
     d, rows = b.spec.model.hidden_size, 8192
-    hidden, residual = torch.randn(batch, d), torch.randn(batch, d)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    hidden, residual = torch.randn(batch, d, device=dev), torch.randn(batch, d, device=dev)
     layer = torch.nn.Module()
     w = torch.from_numpy(np.ascontiguousarray(b.directions.T))
     for name, t in (
@@ -108,12 +119,13 @@ def component_costs(bundle_path: Path, batch: int, repeat: int = 2000) -> dict[s
         ("tap_jump", torch.full((b.k,), -np.inf)),
         ("tap_out", torch.zeros(rows, b.k)),
     ):
-        layer.register_buffer(name, t)
+        layer.register_buffer(name, t.to(dev))
     op_us = _median_us(
         lambda: torch.ops.misalign.project(
             hidden, residual, layer.tap_weight, layer.tap_bias, layer.tap_jump, layer.tap_out
         ),
         repeat,
+        sync,
     )
     # A sidecar address nobody answers: the publisher thread counts the steps as dropped, which
     # costs the engine thread nothing more than a send would.
@@ -126,11 +138,14 @@ def component_costs(bundle_path: Path, batch: int, repeat: int = 2000) -> dict[s
             num_computed_tokens_cpu=np.arange(100, 100 + batch, dtype=np.int32),
         ),
         query_start_loc=SimpleNamespace(np=np.arange(batch + 1, dtype=np.int32)),
-        input_ids=SimpleNamespace(gpu=torch.randint(0, 49152, (rows,), dtype=torch.int32)),
+        input_ids=SimpleNamespace(
+            gpu=torch.randint(0, 49152, (rows,), dtype=torch.int32, device=dev)
+        ),
     )
     so = SimpleNamespace(total_num_scheduled_tokens=batch)
     host_us = _median_us(lambda: runner_hook.capture(runner, so, cfg), repeat)
-    return {"op_us": op_us, "host_us": host_us, "batch": batch}
+    sync()
+    return {"op_us": op_us, "host_us": host_us, "batch": batch, "device": device}
 
 
 def main() -> int:
@@ -146,15 +161,18 @@ def main() -> int:
     ap.add_argument(
         "--components-only", action="store_true", help="only the per-step cost of the tap's parts"
     )
+    ap.add_argument(
+        "--device", default="cpu", help="with --components-only: cpu or cuda (needs no vLLM)"
+    )
     args = ap.parse_args()
 
-    model = prepare_smollm2(progress=False)
     work = Path(tempfile.mkdtemp(prefix="misalign-overhead-"))
     bundle = k16_bundle(work / "k16.safetensors")
-    parts = component_costs(bundle, args.batch)
+    parts = component_costs(bundle, args.batch, device=args.device)
     if args.components_only:
         print(json.dumps(parts) if args.json else parts)
         return 0
+    model = prepare_smollm2(progress=False)
     rows = [json.loads(x) for x in DEMO_CONVERSATIONS.read_text().splitlines() if x.strip()]
     data = work / "prompts.jsonl"
     data.write_text(

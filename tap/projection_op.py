@@ -20,6 +20,10 @@ were changed, for the host to report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
 import torch
 from torch.library import Library
 
@@ -110,22 +114,36 @@ def _project_mitigate_fake(
     return None
 
 
+def _register_plain(
+    op_name: str,
+    op_func: Callable[..., Any],
+    mutates_args: list[str],
+    fake_impl: Callable[..., Any],
+) -> None:
+    """What vLLM's ``direct_register_custom_op`` does, with torch alone (for timing the op where
+    vLLM is not installed, such as a GPU machine with PyTorch only)."""
+    from torch.library import infer_schema
+
+    _LIB.define(op_name + infer_schema(op_func, mutates_args=mutates_args))
+    key = "CUDA" if torch.cuda.is_available() else "CPU"
+    _LIB.impl(op_name, op_func, dispatch_key=key)
+    _LIB._register_fake(op_name, fake_impl)
+
+
 def register() -> None:
     if hasattr(torch.ops.misalign, "project"):
         return
-    from vllm.utils.torch_utils import direct_register_custom_op
+    register_op: Callable[..., Any] = _register_plain
+    try:
+        from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op(
-        op_name="project",
-        op_func=_project,
-        mutates_args=["out"],
-        fake_impl=_project_fake,
-        target_lib=_LIB,
-    )
-    direct_register_custom_op(
-        op_name="project_mitigate",
-        op_func=_project_mitigate,
-        mutates_args=["out", "residual", "applied"],
-        fake_impl=_project_mitigate_fake,
-        target_lib=_LIB,
+        register_op = partial(direct_register_custom_op, target_lib=_LIB)
+    except ImportError:  # torch alone: timing the op on a machine without vLLM
+        pass
+    register_op("project", _project, ["out"], _project_fake)
+    register_op(
+        "project_mitigate",
+        _project_mitigate,
+        ["out", "residual", "applied"],
+        _project_mitigate_fake,
     )
