@@ -148,7 +148,8 @@ def run_phase(
                     time.sleep(0.0002)
 
     th = threading.Thread(target=prober, daemon=True)
-    th.start()
+    if probe_every:
+        th.start()
     start = time.perf_counter()
 
     def gen():  # type: ignore[no-untyped-def]
@@ -170,7 +171,8 @@ def run_phase(
     elapsed = time.perf_counter() - start
     cpu = proc_cpu_seconds(pid) - cpu0
     stop.set()
-    th.join(10)
+    if probe_every:
+        th.join(10)
     rows = sum(x[1] for x in steps)
     out = {
         "rows_per_s": rows / elapsed,
