@@ -190,7 +190,7 @@ class Mitigation:
         for req_ids, offsets, roles, activations, ready in behind:
             if ready is not None:
                 ready.synchronize()
-            act = np.asarray(activations.numpy() if hasattr(activations, "numpy") else activations)
+            act = np.asarray(activations)
             for i, rid in enumerate(req_ids):
                 r = self._requests.get(rid)
                 if r is None or not r.rules:

@@ -52,10 +52,6 @@ class _Step:
     ready: Any = None  # a device event, None when the arrays are complete
 
 
-def _host(x: Any) -> np.ndarray:
-    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
-
-
 def _rows(item: _Step | pb.StepBatch) -> int:
     return len(item.roles) if isinstance(item, _Step) else len(item.is_response)
 
@@ -124,7 +120,8 @@ class Publisher:
             return item  # a finish notice, built by the scheduler's thread
         if item.ready is not None:
             item.ready.synchronize()
-        applied = _host(item.applied).astype(np.int8) if item.applied is not None else None
+        # numpy reads a host tensor in place (np.asarray), so arrays and tensors go alike
+        applied = np.asarray(item.applied, np.int8) if item.applied is not None else None
         return pb.StepBatch(
             bundle_id=self.bundle_id,
             sender_id=self.sender_id,
@@ -132,10 +129,10 @@ class Publisher:
             request_ids=item.req_ids,
             row_offsets=item.offsets.tolist(),
             positions=np.asarray(item.positions, "<u4").tobytes(),
-            token_ids=np.asarray(_host(item.token_ids), "<u4").tobytes(),
+            token_ids=np.asarray(item.token_ids, "<u4").tobytes(),
             is_response=item.roles.tobytes(),
             k=self.k,
-            projections=np.ascontiguousarray(_host(item.proj), dtype="<f4").tobytes(),
+            projections=np.ascontiguousarray(item.proj, dtype="<f4").tobytes(),
             activated=True,
             mitigation=item.labels or [],
             mitigated=applied.tobytes() if applied is not None else b"",
