@@ -155,12 +155,14 @@ def key(*parts: object) -> str:
 def gate_fails(
     base: Scores, cand: Scores, idx: np.ndarray, th: Thresholds, features: list[str]
 ) -> bool:
-    from detectors.gate import hedges_g, ks_test
+    """The gate's decision on a subset of the probes (without the bootstrap interval, which only
+    reports)."""
+    from detectors.gate import hedges_g, ks_test, rises
 
     for name in features:
         b, c = base.values[name][idx], cand.values[name][idx]
         b, c = b[np.isfinite(b)], c[np.isfinite(c)]
-        if hedges_g(b, c) >= th.min_effect and ks_test(b, c)[1] < th.alpha:
+        if rises(hedges_g(b, c), ks_test(b, c)[1], th):
             return True
     return False
 

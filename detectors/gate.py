@@ -165,6 +165,11 @@ def psi(base: np.ndarray, cand: np.ndarray, bins: int = 10) -> float:
     return float(np.sum((q - p) * np.log(q / p)))
 
 
+def rises(g: float, ks_p: float, th: Thresholds) -> bool:
+    """The decision: the candidate scores higher by at least ``min_effect`` and KS rejects."""
+    return ks_p < th.alpha and g >= th.min_effect
+
+
 def compare_feature(
     name: str, base: np.ndarray, cand: np.ndarray, th: Thresholds
 ) -> FeatureComparison:
@@ -179,7 +184,7 @@ def compare_feature(
     ks, ks_p = ks_test(base, cand)
     p = psi(base, cand)
     reasons = []
-    if ks_p < th.alpha and g >= th.min_effect:
+    if rises(g, ks_p, th):
         reasons.append(f"g {g:.2f} >= {th.min_effect} and KS p {ks_p:.2g} < {th.alpha}")
     if th.max_psi is not None and p > th.max_psi and g > 0:
         reasons.append(f"PSI {p:.2f} > {th.max_psi}")
