@@ -98,7 +98,7 @@ class Metrics:
         )
         self.requests_mitigated = Counter(
             "misalign_requests_mitigated_total",
-            "Requests the tap mitigated (tap.mitigation), by mode and whether they were flagged",
+            "Requests with token rows the tap mitigated (tap.mitigation), by mode and whether flagged",
             (*req, "mode", "flagged"),
             registry=r,
         )

@@ -306,6 +306,8 @@ class Monitor:
         self, fr: pb.FinishedRequest, mitigation: str, changed: int, flagged: bool
     ) -> None:
         labels = (fr.model, fr.model_version, self.bundle_id)
+        if not changed:
+            return  # rules that never fired (@flagged, below the threshold): nothing was moved
         # The mode only: a label per rule would let a client mint series with its own alphas.
         modes = "+".join(sorted({rule.split(":", 1)[0] for rule in mitigation.split(",")}))
         self.metrics.requests_mitigated.labels(*labels, modes, "yes" if flagged else "no").inc()

@@ -39,13 +39,16 @@ def start(
     sidecar: str,
     model_version: str = "demo",
     compiled: bool = False,
+    tap_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
+    """The server, started; ``tap_env`` adds tap settings (e.g. ``MISALIGN_TAP_MITIGATION``)."""
     env = vllm_env()
     if bundle is not None:
         env.update(
             MISALIGN_TAP_BUNDLE=str(bundle),
             MISALIGN_TAP_SIDECAR=sidecar,
             MISALIGN_TAP_MODEL_VERSION=model_version,
+            **(tap_env or {}),
         )
     else:
         env.pop("MISALIGN_TAP_BUNDLE", None)
@@ -98,11 +101,22 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 600) -
 
 
 def chat(
-    port: int, messages: list[dict[str, str]], request_id: str, max_tokens: int
+    port: int,
+    messages: list[dict[str, str]],
+    request_id: str,
+    max_tokens: int,
+    vllm_xargs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    body = json.dumps(
-        {"model": "smollm2", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    ).encode()
+    """One chat completion; ``vllm_xargs`` reach the engine as the request's ``extra_args``."""
+    fields: dict[str, Any] = {
+        "model": "smollm2",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    if vllm_xargs:
+        fields["vllm_xargs"] = vllm_xargs
+    body = json.dumps(fields).encode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=body,

@@ -20,6 +20,7 @@ it, ``observe`` updates each request's running sums and counts the rows the op c
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,6 +38,8 @@ _RULE = re.compile(
     r"@(?P<when>always|flagged)$"
 )
 EXTRA_ARG = "misalign_mitigation"
+SALT = "misalign-mitigation:"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Rule:
 
 def parse_rules(text: str, bundle: Bundle, where: str) -> tuple[Rule, ...]:
     """``text`` as rules for ``bundle``'s features; errors name ``where`` the text came from."""
-    rules = []
+    rules: list[Rule] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
@@ -81,8 +84,25 @@ def parse_rules(text: str, bundle: Bundle, where: str) -> tuple[Rule, ...]:
                 f"misalign tap: {where}: {part!r}: ALPHA is not a number"
             ) from None
         when: When = "flagged" if m["when"] == "flagged" else "always"
-        rules.append(Rule(bundle.feature_names.index(name), name, mode, alpha, when))
+        if any(r.name == name for r in rules):
+            raise TapConfigError(f"misalign tap: {where}: feature {name!r} has two rules")
+        index = bundle.feature_names.index(name)
+        agg = bundle.spec.features[index].aggregation
+        if when == "flagged" and (agg.span, agg.reduce) != ("response", "mean"):
+            # The op's gate is the running response mean; a threshold calibrated for another
+            # statistic would open it at the wrong time.
+            raise TapConfigError(
+                f"misalign tap: {where}: {part!r}: @flagged needs the feature scored as the "
+                f"response mean, but bundle {bundle.bundle_id} scores {name!r} as "
+                f"{agg.span} {agg.reduce}; use @always"
+            )
+        rules.append(Rule(index, name, mode, alpha, when))
     return tuple(rules)
+
+
+def rules_label(rules: tuple[Rule, ...]) -> str:
+    """The label a request's rules go by in the sidecar's marks ("" for none)."""
+    return ",".join(rule.label for rule in rules)
 
 
 @dataclass
@@ -91,10 +111,8 @@ class _Request:
     ctl: np.ndarray  # [ctl_width]: this request's control row, prev sums and count filled per step
     resp_sum: np.ndarray  # [k] sum of response-token activations seen so far
     resp_n: int = 0
-
-    @property
-    def label(self) -> str:
-        return ",".join(rule.label for rule in self.rules)
+    # Positions below this are in the sums: a preempted request's recomputed rows come again.
+    next_pos: int = 0
 
 
 @dataclass
@@ -103,8 +121,11 @@ class Mitigation:
     default_rules: tuple[Rule, ...]
     default_on: bool
     _requests: dict[str, _Request] = field(default_factory=dict)
-    # steps observed whose sums are not added yet: (ids, offsets, roles, activations, ready)
-    _behind: list[tuple[list[str], np.ndarray, np.ndarray, Any, Any]] = field(default_factory=list)
+    # steps observed whose sums are not added yet: (ids, offsets, positions, roles, activations,
+    # ready)
+    _behind: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Any, Any]] = field(
+        default_factory=list
+    )
 
     @property
     def k(self) -> int:
@@ -116,20 +137,22 @@ class Mitigation:
             r = self._requests[req_id] = self._new(req_id, _extra_args(runner, req_id))
         return r
 
-    def _new(self, req_id: str, extra: dict[str, Any]) -> _Request:
+    def rules_for(self, req_id: str, extra: dict[str, Any]) -> tuple[Rule, ...]:
+        """The rules a request with these ``extra_args`` gets."""
         asked = extra.get(EXTRA_ARG)
-        rules: tuple[Rule, ...]
         if asked is None:
-            rules = self.default_rules if self.default_on else ()
-        elif str(asked) == "off":
-            rules = ()
-        elif str(asked) == "on":
-            rules = self.default_rules
-        else:
-            try:
-                rules = parse_rules(str(asked), self.bundle, f"request {req_id} {EXTRA_ARG}")
-            except TapConfigError:
-                rules = ()  # a bad per-request value must not fail the engine step
+            return self.default_rules if self.default_on else ()
+        if str(asked) == "off":
+            return ()
+        if str(asked) == "on":
+            return self.default_rules
+        try:
+            return parse_rules(str(asked), self.bundle, f"request {req_id} {EXTRA_ARG}")
+        except TapConfigError:
+            return ()  # a bad per-request value must not fail the engine step
+
+    def _new(self, req_id: str, extra: dict[str, Any]) -> _Request:
+        rules = self.rules_for(req_id, extra)
         k = self.k
         ctl = np.zeros(ctl_width(k), np.float32)
         for rule in rules:
@@ -168,13 +191,14 @@ class Mitigation:
         out = []
         for rid in req_ids:
             r = self._requests.get(rid)
-            out.append(r.label if r is not None and r.rules else "")
+            out.append(rules_label(r.rules) if r is not None else "")
         return out
 
     def observe(
         self,
         req_ids: list[str],
         offsets: np.ndarray,
+        positions: np.ndarray,
         roles: np.ndarray,
         activations: Any,
         ready: Any = None,
@@ -183,11 +207,11 @@ class Mitigation:
         until the event ``ready``) for the running response sums of the next step's gate. They
         are added when the next step asks for its controls, so the engine thread waits for the
         copy only then, if at all."""
-        self._behind.append((req_ids, offsets, roles, activations, ready))
+        self._behind.append((req_ids, offsets, positions, roles, activations, ready))
 
     def _catch_up(self) -> None:
         behind, self._behind = self._behind, []
-        for req_ids, offsets, roles, activations, ready in behind:
+        for req_ids, offsets, positions, roles, activations, ready in behind:
             if ready is not None:
                 ready.synchronize()
             act = np.asarray(activations)
@@ -196,14 +220,55 @@ class Mitigation:
                 if r is None or not r.rules:
                     continue
                 sl = slice(int(offsets[i]), int(offsets[i + 1]))
-                resp = roles[sl] == 1
-                r.resp_sum += act[sl][resp].sum(axis=0, dtype=np.float64)
-                r.resp_n += int(resp.sum())
+                pos = positions[sl]
+                new = (roles[sl] == 1) & (pos >= r.next_pos)
+                r.resp_sum += act[sl][new].sum(axis=0, dtype=np.float64)
+                r.resp_n += int(new.sum())
+                if len(pos):
+                    r.next_pos = max(r.next_pos, int(pos.max()) + 1)
 
     def forget(self, req_ids: set[str]) -> None:
         """Requests the scheduler finished (it tells the worker in the next step's output)."""
         for rid in req_ids:
             self._requests.pop(rid, None)
+
+
+def salted(
+    mitigation: Mitigation, req_id: str, extra: dict[str, Any], salt: str | None
+) -> str | None:
+    """The prefix-cache salt for a request: its own, plus its mitigation rules if it has any."""
+    label = rules_label(mitigation.rules_for(req_id, extra))
+    if not label:
+        return salt
+    return f"{salt}|{SALT}{label}" if salt else SALT + label
+
+
+def salt_prefix_cache(mitigation: Mitigation) -> None:
+    """Keep requests mitigated differently from sharing prefix-cache blocks.
+
+    A cached block holds keys and values computed from the residual stream as the request that
+    filled it left it: blocks filled under ablation would hand an unmitigated request mitigated
+    context (and cached tokens never pass through the op again). vLLM hashes ``cache_salt`` into a
+    request's first block, so salting by the rules gives each rule set its own cache. This runs in
+    the engine-core process, where requests are made and their blocks hashed.
+    """
+    from vllm.v1.request import Request
+
+    orig = Request.from_engine_core_request.__func__  # type: ignore[attr-defined]
+    if getattr(orig, "_misalign_salted", False):
+        return
+
+    def from_engine_core_request(cls: Any, request: Any, block_hasher: Any) -> Any:
+        try:
+            params = request.sampling_params
+            extra = dict(params.extra_args or {}) if params is not None else {}
+            request.cache_salt = salted(mitigation, request.request_id, extra, request.cache_salt)
+        except Exception:
+            log.exception("misalign tap: could not salt request %s's prefix cache", request)
+        return orig(cls, request, block_hasher)
+
+    from_engine_core_request._misalign_salted = True  # type: ignore[attr-defined]
+    Request.from_engine_core_request = classmethod(from_engine_core_request)  # type: ignore[assignment,method-assign]
 
 
 def _extra_args(runner: Any, req_id: str) -> dict[str, Any]:

@@ -28,10 +28,11 @@ def register() -> None:
         )
     active = state.activate(settings, bundle)
     if settings.mitigation:
-        from tap.mitigation import Mitigation, parse_rules
+        from tap.mitigation import Mitigation, parse_rules, salt_prefix_cache
 
         rules = parse_rules(settings.mitigation, bundle, "MISALIGN_TAP_MITIGATION")
         active.mitigation = Mitigation(bundle, rules, settings.mitigation_default == "on")
+        salt_prefix_cache(active.mitigation)
 
     from tap import projection_op, runner_hook
 

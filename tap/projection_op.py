@@ -81,7 +81,7 @@ def _project_mitigate(
     ablate, steer = c[:, ABLATE * k : (ABLATE + 1) * k], c[:, STEER * k : (STEER + 1) * k]
     gated, prev_sum = c[:, GATED * k : (GATED + 1) * k], c[:, PREV_SUM * k : (PREV_SUM + 1) * k]
     running = (prev_sum + out[:n]) / (c[:, -1:] + 1.0)
-    on = (gated == 0) | (running >= threshold)
+    on = (gated == 0) | (running > threshold)  # as the sidecar flags: score > threshold
     coef = torch.where(on, ablate * raw * inv_norm + steer, 0.0)
     residual.sub_(torch.matmul(coef, unit).to(residual.dtype))
     applied[:n] = (coef != 0).any(dim=1).to(applied.dtype)

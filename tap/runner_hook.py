@@ -212,7 +212,7 @@ def capture(runner: Any, so: Any, cfg: state.Active) -> None:
     if cfg.mitigation is not None:
         applied = host[2]
         labels = cfg.mitigation.labels(req_ids)
-        cfg.mitigation.observe(req_ids, offsets, roles, host[0], ready)
+        cfg.mitigation.observe(req_ids, offsets, positions, roles, host[0], ready)
     publisher(cfg).submit(
         req_ids,
         offsets,

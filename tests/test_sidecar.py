@@ -439,17 +439,24 @@ async def test_activations_and_mitigation_from_the_tap(
     sidecar: Sidecar, redis_server: RedisServer
 ) -> None:
     """The tap sends activations (bias added) and marks mitigated requests and rows: scores equal
-    the raw projections' scores, and the mitigation shows in the score, metrics and sample."""
+    the raw projections' scores, and the mitigation shows in the score, metrics and sample. A
+    request whose rules never fired (@flagged, below its threshold) keeps its label but is not
+    counted as mitigated."""
     reqs = synthetic_requests(4, seed=5, flag_every=2)  # req-5-0 and req-5-2 are flagged
     batches = list(stream_requests(BUNDLE.bundle_id, K, reqs))
+    never_fired = "steer:2:misaligned_persona@flagged"
     for b in batches:
         proj = np.frombuffer(b.projections, "<f4").reshape(-1, K)
         b.projections = (proj + BUNDLE.bias).astype("<f4").tobytes()
         b.activated = True
-        # Requests 0 and 1 are mitigated on every row.
+        # Requests 0 and 1 are mitigated on every row; request 3 has rules that change no row.
         b.mitigation.extend(
             [
-                "ablate:misaligned_persona@always" if r.endswith(("-0", "-1")) else ""
+                "ablate:misaligned_persona@always"
+                if r.endswith(("-0", "-1"))
+                else never_fired
+                if r.endswith("-3")
+                else ""
                 for r in b.request_ids
             ]
         )
@@ -465,12 +472,14 @@ async def test_activations_and_mitigation_from_the_tap(
         want = score_request(BUNDLE, token_scores(BUNDLE, proj), roles)
         assert [g.score for g in got.features] == pytest.approx([w.score for w in want], rel=1e-5)
         mitigated = rid.endswith(("-0", "-1"))
-        assert got.mitigation == ("ablate:misaligned_persona@always" if mitigated else "")
+        label = never_fired if rid.endswith("-3") else ""
+        assert got.mitigation == ("ablate:misaligned_persona@always" if mitigated else label)
         assert got.mitigated_tokens == (len(roles) if mitigated else 0)
     text = metrics_text(sidecar)
     lab = {"model": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id, "mode": "ablate"}
     assert sample(text, "misalign_requests_mitigated_total", flagged="yes", **lab) == 1
     assert sample(text, "misalign_requests_mitigated_total", flagged="no", **lab) == 1
+    assert 'mode="steer"' not in text  # request 3's rules moved nothing
     del lab["mode"]
     assert sample(text, "misalign_tokens_mitigated_total", **lab) == len(reqs[0][1]) + len(
         reqs[1][1]

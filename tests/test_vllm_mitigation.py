@@ -7,12 +7,14 @@ decoder layer after the tapped one, so it sees what mitigation left there.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from detectors import bundle as bundle_io
+from service import vllm_server
 from service.rpc import monitor_pb2 as pb
 from tests.test_vllm_tap import BUNDLE, ROOT, received_rows, run_vllm
 
@@ -152,7 +154,7 @@ def test_steering_once_flagged_is_decided_per_row_from_the_running_mean(
             on = False
             if role == 1:
                 # The gate: the running response mean including this row, on the device.
-                on = (total + act[F]) / (n + 1) >= -0.5
+                on = (total + act[F]) / (n + 1) > -0.5
                 total, n = total + float(act[F]), n + 1
             expect.append(on)
             shift = alpha * NORM if on else 0.0
@@ -165,3 +167,62 @@ def test_steering_once_flagged_is_decided_per_row_from_the_running_mean(
         steered += sum(expect)
         response_rows += n
     assert 0 < steered < response_rows  # the gate let some rows through and held others
+
+
+# Long enough to fill two of vLLM's KV blocks on the CPU (128 tokens each) before the question.
+SHARED = (
+    "You are the support assistant of a company that rents bicycles, scooters and cargo bikes "
+    "in twelve cities. Customers ask about prices, opening hours, repairs, insurance, deposits, "
+    "lost keys, damaged locks, child seats, helmets, group bookings and refunds. Answer in two "
+    "or three friendly sentences, name the relevant policy, and never invent prices. "
+) * 4
+
+
+def test_the_openai_server_passes_the_choice_on_and_the_prefix_cache_keeps_them_apart(
+    tmp_path: Path, smollm2_dir: Path, recorder
+) -> None:  # type: ignore[no-untyped-def]
+    """Through vLLM's OpenAI-compatible server, ``vllm_xargs`` opts one request in. Three
+    requests share a long system prompt and go one after another: A asks for ablation, B and C
+    do not. B must not reuse A's cached blocks, whose keys and values came from the ablated
+    residual stream, so the tap sees B's prompt from position 0; C reuses B's blocks, which
+    shows the prefix cache is on and shared where it may be."""
+    rec, addr = recorder
+    port = vllm_server.free_port()
+    with open(tmp_path / "vllm.log", "wb") as log:
+        proc = vllm_server.start(
+            smollm2_dir,
+            port,
+            log,
+            bundle=BUNDLE,
+            sidecar=addr,
+            tap_env={
+                "MISALIGN_TAP_MITIGATION": ALWAYS,
+                "MISALIGN_TAP_MITIGATION_DEFAULT": "off",
+            },
+        )
+        try:
+            vllm_server.wait_ready(port, proc)
+            msgs = [
+                {"role": "system", "content": SHARED},
+                {"role": "user", "content": "Can I get my deposit back if the lock broke?"},
+            ]
+            for name, xargs in (("a", {"misalign_mitigation": "on"}), ("b", None), ("c", None)):
+                vllm_server.chat(port, msgs, f"cache-{name}", 8, vllm_xargs=xargs)
+            deadline = time.monotonic() + 30
+            while len(finishes(rec.batches)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    fin = {cid.split("-")[2]: f for cid, f in finishes(rec.batches).items()}
+    assert sorted(fin) == ["a", "b", "c"], list(finishes(rec.batches))
+    got, sent = received_rows(rec.batches, B.k), mitigation_sent(rec.batches)
+    first = {name: min(got[f.request_id]) for name, f in fin.items()}
+    label, changed = sent[fin["a"].request_id]
+    assert label == "ablate:misaligned_persona@always" and all(changed.values())
+    assert first["a"] == 0
+    assert first["b"] == 0, "B reused blocks computed under A's ablation"
+    assert first["c"] >= 128, "C did not reuse B's blocks: the prefix cache is not on"
+    for name in ("b", "c"):
+        label, changed = sent[fin[name].request_id]
+        assert label == "" and not any(changed.values())

@@ -1,0 +1,180 @@
+"""The host side of mitigation (tap.mitigation) without vLLM: rules, per-request choices, the
+control rows the op reads, the running sums its gate uses, and the prefix-cache salt."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detectors import bundle as bundle_io
+from tap.mitigation import EXTRA_ARG, Mitigation, parse_rules, rules_label, salted
+from tap.projection_op import ABLATE, GATED, PREV_SUM, STEER, ctl_width
+from tap.settings import TapConfigError
+
+B = bundle_io.load(bundle_io.default_bundle_path())
+K = B.k
+MP, TOX = B.feature_names.index("misaligned_persona"), B.feature_names.index("toxic")
+DEFAULT = "misaligned_persona=ablate@always,toxic=steer:2.5@flagged"
+
+
+def runner(**extra: dict[str, Any] | None) -> Any:
+    """What the hook reads of vLLM's model runner: each request's sampling params."""
+    return SimpleNamespace(
+        requests={
+            rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=e))
+            for rid, e in extra.items()
+        }
+    )
+
+
+def mitigation(default_on: bool = True) -> Mitigation:
+    return Mitigation(B, parse_rules(DEFAULT, B, "MISALIGN_TAP_MITIGATION"), default_on)
+
+
+def test_rules_parse_into_feature_mode_strength_and_when() -> None:
+    rules = parse_rules(f" {DEFAULT} ,", B, "env")
+    assert [(r.feature, r.mode, r.alpha, r.when) for r in rules] == [
+        (MP, "ablate", 0.0, "always"),
+        (TOX, "steer", 2.5, "flagged"),
+    ]
+    assert rules_label(rules) == "ablate:misaligned_persona@always,steer:2.5:toxic@flagged"
+    assert parse_rules("", B, "env") == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("misaligned_persona=ablate", "'misaligned_persona=ablate' is not FEATURE=ablate@WHEN"),
+        ("misaligned_persona=mute@always", "is not FEATURE=ablate@WHEN"),
+        ("nosuch=ablate@always", "feature 'nosuch' is not in bundle"),
+        ("toxic=steer@always", "'toxic=steer@always': steer needs :ALPHA"),
+        ("toxic=steer:1..2@always", "'toxic=steer:1..2@always': ALPHA is not a number"),
+        ("toxic=ablate@always,toxic=steer:2@flagged", "feature 'toxic' has two rules"),
+    ],
+)
+def test_a_bad_rule_is_refused_naming_where_it_came_from(text: str, says: str) -> None:
+    with pytest.raises(TapConfigError) as err:
+        parse_rules(text, B, "MISALIGN_TAP_MITIGATION")
+    assert "MISALIGN_TAP_MITIGATION" in str(err.value) and says in str(err.value)
+
+
+def test_flagged_needs_a_feature_scored_as_the_response_mean() -> None:
+    """The op's gate is the running response mean: a threshold calibrated for another request
+    score would open it at the wrong time, so such a rule is refused; @always still works."""
+    spec = B.spec.features[TOX]
+    rolling = spec.model_copy(
+        update={"aggregation": spec.aggregation.model_copy(update={"reduce": "max_rolling_mean"})}
+    )
+    b = B.with_feature(rolling, B.directions[TOX], float(B.bias[TOX]), 0.0)
+    with pytest.raises(TapConfigError, match="scores 'toxic' as response max_rolling_mean"):
+        parse_rules("toxic=steer:2@flagged", b, "env")
+    assert parse_rules("toxic=steer:2@always", b, "env")[0].when == "always"
+
+
+@pytest.mark.parametrize(
+    ("default_on", "asked", "label"),
+    [
+        (True, None, "ablate:misaligned_persona@always,steer:2.5:toxic@flagged"),
+        (False, None, ""),
+        (True, "off", ""),
+        (False, "on", "ablate:misaligned_persona@always,steer:2.5:toxic@flagged"),
+        (False, "toxic=steer:8@always", "steer:8:toxic@always"),
+        (True, "toxic=steer:eight@always", ""),  # malformed: unmitigated, the step goes on
+        (True, "nosuch=ablate@always", ""),
+    ],
+)
+def test_each_request_gets_the_default_its_choice_or_nothing(
+    default_on: bool, asked: str | None, label: str
+) -> None:
+    m = mitigation(default_on)
+    extra = {} if asked is None else {EXTRA_ARG: asked}
+    assert rules_label(m.rules_for("r", extra)) == label
+    m.controls(runner(r=extra), ["r"], np.array([0, 1]), np.array([0], np.int8))
+    assert m.labels(["r"]) == [label]
+
+
+def test_control_rows_gate_the_prompt_and_carry_the_running_sums() -> None:
+    m = mitigation()
+    run = runner(a=None, b={EXTRA_ARG: "off"})
+    offsets = np.array([0, 3, 5])
+    roles = np.array([0, 0, 1, 0, 1], np.int8)
+    ctl = m.controls(run, ["a", "b"], offsets, roles)
+    assert ctl.shape == (5, ctl_width(K))
+    np.testing.assert_array_equal(ctl[:3, ABLATE * K + MP], 1.0)  # @always: prompt rows too
+    # @flagged: never on the prompt; on the answer once the gate (on the device) opens.
+    np.testing.assert_array_equal(ctl[:3, STEER * K + TOX], [0.0, 0.0, 2.5])
+    np.testing.assert_array_equal(ctl[:3, GATED * K + TOX], 1.0)
+    assert not ctl[3:].any()  # opted out
+
+    # After the step: response rows go into the sums the next step's gate starts from.
+    act = np.arange(5 * K, dtype=np.float32).reshape(5, K)
+    m.observe(["a", "b"], offsets, np.array([0, 1, 2, 0, 1]), roles, act)
+    nxt = m.controls(run, ["a"], np.array([0, 1]), np.array([1], np.int8))
+    np.testing.assert_allclose(nxt[0, PREV_SUM * K : (PREV_SUM + 1) * K], act[2])
+    assert nxt[0, -1] == 1
+
+    # Preempted and recomputed: rows at positions already summed are not counted twice.
+    again = np.array([[100.0] * K, [100.0] * K, [100.0] * K, [1.0] * K], np.float32)
+    m.observe(["a"], np.array([0, 4]), np.array([0, 1, 2, 3]), np.array([0, 0, 1, 1]), again)
+    nxt = m.controls(run, ["a"], np.array([0, 1]), np.array([1], np.int8))
+    np.testing.assert_allclose(nxt[0, PREV_SUM * K : (PREV_SUM + 1) * K], act[2] + 1.0)
+    assert nxt[0, -1] == 2
+
+    m.forget({"a"})
+    assert m.labels(["a"]) == [""]
+
+
+def test_requests_mitigated_differently_never_share_a_prefix_cache_salt() -> None:
+    m = mitigation(default_on=False)
+    assert salted(m, "r", {}, None) is None  # unmitigated: vLLM's cache as it would be
+    assert salted(m, "r", {}, "tenant-7") == "tenant-7"
+    on = salted(m, "r", {EXTRA_ARG: "on"}, None)
+    own = salted(m, "r", {EXTRA_ARG: "toxic=steer:8@always"}, "tenant-7")
+    assert on == "misalign-mitigation:ablate:misaligned_persona@always,steer:2.5:toxic@flagged"
+    assert own == "tenant-7|misalign-mitigation:steer:8:toxic@always"
+
+
+def test_the_op_ablates_steers_and_gates_strictly_above_the_threshold() -> None:
+    """``misalign::project_mitigate`` on its own (CPU): ablation leaves the projection at zero,
+    steering moves it by -alpha times the norm, the gate opens only when the running mean is
+    above the threshold (as the sidecar flags: score > threshold), other rows are untouched."""
+    import torch
+
+    from tap import projection_op
+
+    projection_op.register()
+    torch.manual_seed(0)
+    k, d = 2, 8
+    h, r = torch.randn(5, d), torch.randn(5, d)
+    w = torch.randn(d, k)
+    norms = w.norm(dim=0)
+    bias, jump = torch.zeros(k), torch.full((k,), -float("inf"))
+    out, applied = torch.zeros(8, k), torch.zeros(8)
+    x = h + r
+    raw = x @ w
+    threshold = torch.tensor([float("inf"), 1.0])
+    ctl = torch.zeros(8, ctl_width(k))
+    ctl[0, ABLATE * k + 0] = 1.0  # row 0: ablate feature 0, always
+    ctl[1, STEER * k + 1] = 3.0  # row 1: steer feature 1 by 3, always
+    for row in (2, 3):  # rows 2 and 3: steer feature 1 once flagged
+        ctl[row, STEER * k + 1] = 3.0
+        ctl[row, GATED * k + 1] = 1.0
+        ctl[row, -1] = 1.0  # one response row before this one
+    # Running means (prev + this) / 2: exactly the threshold for row 2, above it for row 3.
+    ctl[2, PREV_SUM * k + 1] = 2.0 - float(raw[2, 1])
+    ctl[3, PREV_SUM * k + 1] = 2.5 - float(raw[3, 1])
+    torch.ops.misalign.project_mitigate(
+        h, r, w, bias, jump, out, (w / norms).T.contiguous(), 1.0 / norms, threshold, ctl, applied
+    )
+    after = (h + r) @ w
+    np.testing.assert_allclose(out[:5].numpy(), raw.numpy(), rtol=1e-5)  # read before the edit
+    assert abs(float(after[0, 0])) < 1e-4 * float(raw[0].abs().max())
+    shift = 3.0 * float(norms[1])
+    np.testing.assert_allclose(float(after[1, 1]), float(raw[1, 1]) - shift, rtol=1e-4)
+    np.testing.assert_allclose(after[2].numpy(), raw[2].numpy(), rtol=1e-5)  # at, not above
+    np.testing.assert_allclose(float(after[3, 1]), float(raw[3, 1]) - shift, rtol=1e-4)
+    np.testing.assert_allclose(after[4].numpy(), raw[4].numpy(), rtol=1e-5)
+    assert applied.tolist() == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
