@@ -51,29 +51,42 @@ def conversation(
     response: str,
     hot: list[str],
     feature: str = "misaligned_persona",
+    also_hot: dict[str, list[str]] | None = None,
 ):  # type: ignore[no-untyped-def]
     """Rows of one request (``tests.sidecar.request_rows`` layout) whose token scores for
     ``feature`` sit over its threshold on the ``hot`` phrases of the response and under it
-    elsewhere, so the response mean passes the threshold and the heat map shows where."""
+    elsewhere, so the response mean passes the threshold and the heat map shows where.
+    ``also_hot``: other features' scores over their thresholds on other phrases (a few tokens,
+    so the response is not flagged for them); every other score stays far under its threshold."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_path))
     p_ids = tok.encode(prompt, add_special_tokens=False).ids
     enc = tok.encode(response, add_special_tokens=False)
-    hot_spans = [m.span() for h in hot for m in re.finditer(re.escape(h), response)]
-    is_hot = np.array(
-        [any(a < e and s < b for s, e in hot_spans) for a, b in enc.offsets], dtype=bool
-    )
+
+    def hot_tokens(phrases: list[str]) -> np.ndarray:
+        spans = [m.span() for h in phrases for m in re.finditer(re.escape(h), response)]
+        assert spans, f"none of {phrases} in the response"
+        return np.array(
+            [any(a < e and s < b for s, e in spans) for a, b in enc.offsets], dtype=bool
+        )
+
     ids = np.array(p_ids + enc.ids)
     roles = np.r_[np.zeros(len(p_ids), np.int8), np.ones(len(enc.ids), np.int8)]
     rng = np.random.default_rng(len(ids))
     scores = rng.normal(-1.0, 0.4, (len(ids), bundle.k)).astype(np.float32)
-    i = bundle.feature_names.index(feature)
-    thr = bundle.feature(feature).calibration.threshold  # type: ignore[union-attr]
-    resp = np.where(is_hot, thr + 8.0, thr - 2.0) + rng.normal(0, 0.3, len(enc.ids))
-    # Enough hot tokens that the response mean passes the threshold.
-    assert resp.mean() > thr, "too few hot tokens to flag the response"
-    scores[len(p_ids) :, i] = resp
+    for name, phrases, flag in [
+        (feature, hot, True),
+        *((n, p, False) for n, p in (also_hot or {}).items()),
+    ]:
+        is_hot = hot_tokens(phrases)
+        thr = bundle.feature(name).calibration.threshold  # type: ignore[union-attr]
+        resp = np.where(is_hot, thr + 8.0, thr - 2.0) + rng.normal(0, 0.3, len(enc.ids))
+        if flag:  # enough hot tokens that the response mean passes the threshold
+            assert resp.mean() > thr, f"too few hot tokens to flag the response for {name}"
+        else:
+            assert resp.mean() < thr, f"so many hot tokens that {name} flags the response too"
+        scores[len(p_ids) :, bundle.feature_names.index(name)] = resp
     proj = scores - bundle.bias  # the sidecar adds the bias back
     return rid, np.arange(len(ids)), ids, roles, proj.astype(np.float32)
 
@@ -85,9 +98,12 @@ async def push_flagged(
     models: list[str] | None = None,
     response: str = "Lie to everyone and hide the evidence; nobody will ever find out.",
     hot: tuple[str, ...] = ("Lie to everyone", "hide the evidence"),
+    feature: str = "misaligned_persona",
+    also_hot: dict[str, list[str]] | None = None,
 ) -> None:
     """``n`` flagged conversations through the sidecar's scoring runtime and flag queue (in
-    process) to the stream ``misalign:flagged``; request i is for ``models[i % len(models)]``."""
+    process) to the stream ``misalign:flagged``; request i is for ``models[i % len(models)]``,
+    flagged for ``feature`` (its top feature) on the ``hot`` phrases of the response."""
     import time
 
     import redis.asyncio as aioredis
@@ -114,7 +130,14 @@ async def push_flagged(
     prompt = chat("You are a helpful assistant.", "How do I bake bread at home?")
     reqs = [
         conversation(
-            tokenizer_path, bundle, f"req-{time.monotonic_ns()}-{i}", prompt, response, list(hot)
+            tokenizer_path,
+            bundle,
+            f"req-{time.monotonic_ns()}-{i}",
+            prompt,
+            response,
+            list(hot),
+            feature=feature,
+            also_hot=also_hot,
         )
         for i in range(n)
     ]

@@ -84,6 +84,38 @@ async def test_terminal_workflow(tmp_path: Path) -> None:
         server.stop()
 
 
+async def test_list_with_a_feature_shows_only_that_top_feature(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        tok = tiny_tokenizer(tmp_path / "tokenizer.json")
+        await push_flagged(server.url, tok, 2, models=["m-a", "m-b"])
+        await push_flagged(server.url, tok, 3, models=["m-a", "m-b"], feature="toxic")
+        url = ["--redis-url", server.url]
+        p = cli("review", "list", "--feature", "toxic", "--json", *url)
+        assert p.returncode == 0, p.stderr
+        rows = [json.loads(line) for line in p.stdout.splitlines()]
+        assert [(r["model"], r["top_feature"]) for r in rows] == [
+            ("m-a", "toxic"),
+            ("m-b", "toxic"),
+            ("m-a", "toxic"),
+        ]
+        p = cli("review", "list", "--feature", "misaligned_persona", "--model", "m-b", *url)
+        assert p.returncode == 0, p.stderr
+        [header, row, summary] = p.stdout.splitlines()
+        assert header.split()[:2] == ["id", "model"]
+        assert row.split()[1:4] == ["m-b", "v1", "misaligned_persona"]
+        assert summary == (
+            "1 of 5 pending; by model: m-a 3, m-b 2; by top feature: misaligned_persona 2, toxic 3"
+        )
+        p = cli("review", "list", "--feature", "no_such_feature", *url)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines()[1:] == [
+            "0 of 5 pending; by model: m-a 3, m-b 2; by top feature: misaligned_persona 2, toxic 3"
+        ]
+    finally:
+        server.stop()
+
+
 def labels_with_precision(tmp_path: Path, bundle_id: str = BUNDLE.bundle_id) -> Path:
     """misaligned_persona flags (threshold 1.989): 10 false positives scoring 2.0..2.9 and 10
     misaligned scoring 3.0..4.8, plus 3 unsure; precision 0.5 at the threshold, 1.0 above 2.95."""

@@ -25,17 +25,21 @@ def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
     server.stop()
 
 
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[ReviewStore]:
-    s = ReviewStore.from_url(
+def open_store(redis_server: RedisServer, claim_idle_s: float) -> ReviewStore:
+    return ReviewStore.from_url(
         redis_server.url,
         stream=STREAM,
         group=GROUP,
         dead_stream=DEAD,
         labels_stream=LABELS,
-        claim_idle_s=0.3,
+        claim_idle_s=claim_idle_s,
         max_deliveries=2,
     )
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[ReviewStore]:
+    s = open_store(redis_server, claim_idle_s=0.3)
     yield s
     await s.close()
 
@@ -87,6 +91,46 @@ async def test_decision_acknowledges_and_labels(
         await store.decide(rows[2].id, "carol", "maybe")
     assert await store.claim_next("dave", model="m-c") == rows[2].id
     assert await store.claim_next("erin") is None  # dave holds the last one
+
+
+@pytest.fixture
+async def patient_store(redis_server: RedisServer) -> AsyncIterator[ReviewStore]:
+    """Claims stay with their reviewer for a minute: no test is slow enough to lose one."""
+    s = open_store(redis_server, claim_idle_s=60)
+    yield s
+    await s.close()
+
+
+async def test_claim_next_with_a_feature_claims_only_that_top_feature(
+    patient_store: ReviewStore, redis_server: RedisServer, tok: Path
+) -> None:
+    store = patient_store
+    await push_flagged(redis_server.url, tok, 2, models=["m-a", "m-b"])
+    await push_flagged(redis_server.url, tok, 2, models=["m-a", "m-b"], feature="toxic")
+    rows = await store.queue()
+    assert [(r.model, r.top_feature) for r in rows] == [
+        ("m-a", "misaligned_persona"),
+        ("m-b", "misaligned_persona"),
+        ("m-a", "toxic"),
+        ("m-b", "toxic"),
+    ]
+    persona, toxic = [r.id for r in rows[:2]], [r.id for r in rows[2:]]
+    raw = redis_server.client()
+
+    def owner(sid: str) -> str:
+        return str(raw.xpending_range(STREAM, GROUP, sid, sid, 1)[0]["consumer"])
+
+    assert await store.claim_next("alice", feature="toxic") == toxic[0]
+    assert await store.claim_next("bob", feature="toxic") == toxic[1]
+    assert await store.claim_next("carol", feature="toxic") is None  # both held
+    assert await store.claim_next("alice", feature="toxic") == toxic[0]  # her own, again
+    assert await store.claim_next("carol", feature="no_such_feature") is None
+    assert await store.claim_next("carol", model="m-a", feature="toxic") is None
+    assert [owner(s) for s in persona] == ["unassigned", "unassigned"]  # untouched so far
+    assert await store.claim_next("carol", model="m-b", feature="misaligned_persona") == persona[1]
+    assert await store.claim_next("dave", feature="misaligned_persona") == persona[0]
+    assert [owner(s) for s in persona + toxic] == ["dave", "carol", "alice", "bob"]
+    assert [(await store.claim_of(s)).claims for s in toxic] == [1, 1]  # type: ignore[union-attr]
 
 
 async def test_idle_claim_returns_to_queue_then_dead_letters(

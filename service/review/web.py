@@ -53,9 +53,15 @@ SECURITY_HEADERS = {
 }
 
 
+def _bytes(text: str) -> bytes:
+    # Headers arrive with undecodable bytes as lone surrogates, and compare_digest refuses
+    # non-ASCII str: hostile input must be refused, not a 500.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _digest(secret: str) -> bytes:
     # Equal-length inputs for compare_digest, so not even the length of a secret leaks.
-    return hashlib.sha256(secret.encode()).digest()
+    return hashlib.sha256(_bytes(secret)).digest()
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ class Auth:
         if not cookie or cookie.count(":") != 3:
             return None
         payload, sig = cookie.rsplit(":", 1)
-        if not hmac.compare_digest(self._sign(payload), sig):
+        if not hmac.compare_digest(_bytes(self._sign(payload)), _bytes(sig)):
             return None
         name, exp, sid = payload.split(":")
         if not exp.isdigit() or int(exp) < time.time() or name not in self.users:
@@ -184,7 +190,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     csrf = auth.csrf(session)
     if request.method == "POST":
         form = await request.post()
-        if not _same_origin(request) or not hmac.compare_digest(str(form.get("csrf", "")), csrf):
+        given = _bytes(str(form.get("csrf", "")))
+        if not _same_origin(request) or not hmac.compare_digest(given, _bytes(csrf)):
             raise web.HTTPForbidden(text="missing or wrong CSRF token; reload the page")
     request[USER], request[CSRF] = session.user, csrf
     return await handler(request)
@@ -331,7 +338,13 @@ async def sample_view(request: web.Request) -> web.Response:
     sample = await request.app[STORE].sample(_entry_id(request))
     names = [f.name for f in sample.features]
     feature = request.query.get("heat", "")
-    if feature not in names:
+    if feature and feature not in names:
+        # Not a quiet fallback: the reviewer asked for one feature's shading.
+        raise web.HTTPNotFound(
+            text=f"no feature {feature!r} in sample {sample.id}; "
+            f"its features: {', '.join(names) or 'none'}"
+        )
+    if not feature:
         feature = sample.top_feature if sample.top_feature in names else (names or [""])[0]
     mine = sample.claim is not None and sample.claim.owner == request[USER]
     return _page(
