@@ -10,7 +10,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,17 +53,54 @@ def scaled_rules(text: str) -> str:
     return re.sub(r"(\n\s+for: )(?!0m)\d+[smh]", rf"\g<1>{FOR}", text)
 
 
-def panel_queries() -> list[tuple[str, str]]:
-    """``(panel title, PromQL)`` of every dashboard panel query, Grafana's variables filled in
-    as the dashboard's "All" (and ``$__rate_interval`` at the test's scale)."""
+VARIABLES = ("model", "version", "feature")  # the dashboard's query variables
+ALL = ".*"  # what Grafana puts in for "All" (each variable's allValue)
+
+
+def regex_escape(value: str) -> str:
+    """A chosen value as Grafana's Prometheus data source puts it in a ``=~"..."`` matcher: its
+    regex metacharacters escaped, then escaped again for the PromQL string."""
+    regex = re.sub(r"([\\^$*+?.()|\[\]{}])", r"\\\1", value)
+    return regex.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def fill(expr: str, values: Mapping[str, str] | None = None) -> str:
+    """``expr`` with the template variables replaced as Grafana does: a chosen single value
+    escaped, any variable not in ``values`` as "All"; ``$__rate_interval`` at the test's scale."""
+    expr = expr.replace("$__rate_interval", RATE_INTERVAL)
+    for var in VARIABLES:
+        chosen = (values or {}).get(var)
+        expr = expr.replace(f"${var}", ALL if chosen is None else regex_escape(chosen))
+    return expr
+
+
+def uses_variables(expr: str) -> bool:
+    return any(f"${var}" in expr for var in VARIABLES)
+
+
+def panel_targets() -> list[tuple[str, str]]:
+    """``(panel title, PromQL as written in the dashboard)`` of every panel query."""
     dash = json.loads(DASHBOARD.read_text())
-    out = []
-    for p in dash["panels"]:
-        for t in p.get("targets", []):
-            expr = t["expr"].replace("$__rate_interval", RATE_INTERVAL)
-            for var in ("model", "version", "feature"):
-                expr = expr.replace(f"${var}", ".*")
-            out.append((p["title"], expr))
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def panel_queries(values: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """``(panel title, PromQL)`` of every dashboard panel query, Grafana's variables filled in
+    from ``values`` (the dashboard's "All" for any not given)."""
+    return [(title, fill(expr, values)) for title, expr in panel_targets()]
+
+
+def template_variables() -> dict[str, tuple[str | None, str]]:
+    """The dashboard's ``label_values`` variables: name -> (series selector or None, label)."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = {}
+    for v in dash["templating"]["list"]:
+        if v["type"] != "query":
+            continue
+        m = re.fullmatch(r"label_values\((?:(.+),\s*)?(\w+)\)", v["query"]["query"])
+        if m is None:
+            raise ValueError(f"{v['name']}: not a label_values() query: {v['query']['query']}")
+        out[v["name"]] = (m.group(1), m.group(2))
     return out
 
 
@@ -103,11 +140,14 @@ class Live:
     dropped_rows: int = 0
     dropped_steps: int = 0
     states: list[tuple[float, str]] = field(default_factory=list)
+    # (model, model_version) of every request the traffic finished: the labels it was scored as
+    models: set[tuple[str, str]] = field(default_factory=set)
 
     def send_tick(self, flagged: bool) -> None:
         batches = list(
             stream_requests(BUNDLE.bundle_id, BUNDLE.k, _requests(self.rng, self.tick, flagged))
         )
+        self.models |= {(f.model, f.model_version) for b in batches for f in b.finished}
         # The tap's own losses ride in every batch as cumulative counts (side="inference").
         self.dropped_rows += 3
         self.dropped_steps += 1

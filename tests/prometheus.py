@@ -184,9 +184,20 @@ class PrometheusServer:
                 return s
         return "inactive"
 
+    def rule_groups(self) -> list[dict[str, Any]]:
+        """Every loaded rule group: ``{"name", "file", "rules", ...}``, each rule with its
+        ``health`` (``ok``, ``err``, or ``unknown`` until first evaluated) and ``lastError``."""
+        return list(self.api("rules")["groups"])
+
     def rules(self) -> list[dict[str, Any]]:
         """Every loaded rule, with its health and last error."""
-        return [r for g in self.api("rules")["groups"] for r in g["rules"]]
+        return [r for g in self.rule_groups() for r in g["rules"]]
+
+    def label_values(self, label: str, match: str | None = None) -> list[str]:
+        """``GET /api/v1/label/<label>/values``, restricted to the series ``match`` selects (as
+        Grafana asks for a ``label_values(selector, label)`` template variable)."""
+        params = {"match[]": match} if match is not None else {}
+        return list(self.api(f"label/{urllib.parse.quote(label)}/values", **params))
 
     def targets(self) -> list[dict[str, Any]]:
         return list(self.api("targets")["activeTargets"])

