@@ -191,3 +191,16 @@ def test_recalibrate_refuses_bad_labels(tmp_path: Path) -> None:
     p = cli("recalibrate", "--bundle", str(BUNDLE_PATH), "--labels", str(other), "--out", out,
             "--target-precision", "1.5")  # fmt: skip
     assert p.returncode == 2 and "target-precision" in p.stderr
+
+
+def test_a_session_shorter_than_a_second_is_refused(tmp_path: Path) -> None:
+    """A cookie's Max-Age is whole seconds: 0.5 s would log every reviewer out at once."""
+    cfg = tmp_path / "short.yaml"
+    cfg.write_text("review:\n  session_ttl_s: 0.5\n")
+    p = cli("config", "check", str(cfg))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "session_ttl_s" in p.stderr and "greater than or equal to 1" in p.stderr
+    cfg.write_text("review:\n  session_ttl_s: 1\n")
+    p = cli("config", "check", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["review"]["session_ttl_s"] == 1

@@ -97,7 +97,7 @@ class ReviewSettings(BaseModel):
     max_deliveries: int = Field(
         default=5, ge=1, description="claims of one sample before it goes to the dead letters"
     )
-    session_ttl_s: float = Field(default=12 * 3600.0, gt=0)
+    session_ttl_s: float = Field(default=12 * 3600.0, ge=1)  # a cookie's Max-Age is whole seconds
     secure_cookie: bool = Field(default=False, description="set when served over HTTPS")
     backlog_refresh_s: float = Field(
         default=5.0, gt=0, description="how often the sidecar refreshes the review gauges"
