@@ -157,9 +157,14 @@ class Monitor:
         mitigated = _mitigation(msg, rows)  # checked before anything changes
         now = time.monotonic()
         dropped = self.store.add(rows, now)
-        for rid, label, n in mitigated:
-            entry = self._mitigated.setdefault(rid, [label, 0])
-            entry[0], entry[1] = label, entry[1] + n
+        for rid, label, pos, changed in mitigated:
+            # [label, rows changed, next position]: a preempted request's recomputed rows (at
+            # positions already seen) are not counted again.
+            entry = self._mitigated.setdefault(rid, [label, 0, 0])
+            new = pos >= entry[2]
+            entry[0], entry[1] = label, entry[1] + int(changed[new].sum())
+            if len(pos):
+                entry[2] = max(entry[2], int(pos.max()) + 1)
             if len(self._mitigated) > self._mitigated_limit:
                 self._mitigated.popitem(last=False)
         for reason, n in dropped.items():
@@ -265,7 +270,7 @@ class Monitor:
         off = offsets.tolist()
         for i, fr in enumerate(finished):
             by_label.setdefault((fr.model, fr.model_version), []).append(i)
-            mitigation, changed = self._mitigated.pop(fr.request_id, ("", 0))
+            mitigation, changed, _ = self._mitigated.pop(fr.request_id, ("", 0, 0))
             if mitigation:
                 self._count_mitigated(fr, mitigation, changed, any_flag[i])
             result = _Scored(
@@ -387,8 +392,9 @@ class Monitor:
         return self.redactor.sample(sample) if self.redactor else sample
 
 
-def _mitigation(msg: pb.StepBatch, rows: Rows) -> list[tuple[str, str, int]]:
-    """(request id, mitigation label, rows changed) for the mitigated requests of a step."""
+def _mitigation(msg: pb.StepBatch, rows: Rows) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(request id, mitigation label, positions, changed or not) for the mitigated requests of a
+    step."""
     if not msg.mitigation and not msg.mitigated:
         return []
     if len(msg.mitigation) != len(rows.request_ids):
@@ -402,11 +408,11 @@ def _mitigation(msg: pb.StepBatch, rows: Rows) -> list[tuple[str, str, int]]:
             "mitigation",
             f"mitigated has {len(msg.mitigated)} bytes, expected one per row ({len(rows.meta)})",
         )
-    changed = np.concatenate([[0], np.cumsum(np.frombuffer(msg.mitigated, np.int8) != 0)])
-    counts = (changed[rows.offsets[1:]] - changed[rows.offsets[:-1]]).tolist()
+    changed = np.frombuffer(msg.mitigated, np.int8) != 0
+    off = rows.offsets.tolist()
     return [
-        (rid, label, n)
-        for rid, label, n in zip(rows.request_ids, msg.mitigation, counts, strict=True)
+        (rid, label, rows.meta[off[i] : off[i + 1], 0], changed[off[i] : off[i + 1]])
+        for i, (rid, label) in enumerate(zip(rows.request_ids, msg.mitigation, strict=True))
         if label
     ]
 

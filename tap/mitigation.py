@@ -20,14 +20,19 @@ it, ``observe`` updates each request's running sums and counts the rows the op c
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from detectors.bundle import Bundle
+from tap import state
 from tap.projection_op import ABLATE, CTL_BLOCKS, GATED, PREV_SUM, STEER, ctl_width
 from tap.settings import TapConfigError
 
@@ -38,7 +43,8 @@ _RULE = re.compile(
     r"@(?P<when>always|flagged)$"
 )
 EXTRA_ARG = "misalign_mitigation"
-SALT = "misalign-mitigation:"
+# Salts are keyed: a client cannot send a salt that lands its blocks among mitigated requests'.
+_SALT_KEY = os.urandom(16)
 log = logging.getLogger(__name__)
 
 
@@ -88,6 +94,11 @@ def parse_rules(text: str, bundle: Bundle, where: str) -> tuple[Rule, ...]:
             raise TapConfigError(f"misalign tap: {where}: feature {name!r} has two rules")
         index = bundle.feature_names.index(name)
         agg = bundle.spec.features[index].aggregation
+        if when == "flagged" and bundle.spec.features[index].calibration is None:
+            raise TapConfigError(
+                f"misalign tap: {where}: {part!r}: @flagged needs a threshold, and {name!r} "
+                f"has no calibration in bundle {bundle.bundle_id}; use @always"
+            )
         if when == "flagged" and (agg.span, agg.reduce) != ("response", "mean"):
             # The op's gate is the running response mean; a threshold calibrated for another
             # statistic would open it at the wrong time.
@@ -107,12 +118,51 @@ def rules_label(rules: tuple[Rule, ...]) -> str:
 
 @dataclass
 class _Request:
+    """One request's rules and, if a rule waits for the flag, its response activations.
+
+    They are kept by position: a row that comes again (recomputed after preemption, or the real
+    token where a rejected speculative draft was) replaces the earlier one, and the gate of a row
+    at position q counts exactly the kept rows below q.
+    """
+
     rules: tuple[Rule, ...]
     ctl: np.ndarray  # [ctl_width]: this request's control row, prev sums and count filled per step
-    resp_sum: np.ndarray  # [k] sum of response-token activations seen so far
+    acts: np.ndarray  # [capacity, k] float64: response activations by position
+    seen: np.ndarray  # [capacity] bool: which positions ``acts`` holds
+    resp_sum: np.ndarray  # [k] sum of the kept activations
     resp_n: int = 0
-    # Positions below this are in the sums: a preempted request's recomputed rows come again.
-    next_pos: int = 0
+    next_pos: int = 0  # one past the highest position kept
+
+    @property
+    def gated(self) -> bool:
+        return any(rule.when == "flagged" for rule in self.rules)
+
+    def keep(self, pos: np.ndarray, act: np.ndarray) -> None:
+        """Response rows at positions ``pos`` (distinct) with activations ``act [m, k]``."""
+        if not len(pos):
+            return
+        top = int(pos.max()) + 1
+        if top > len(self.seen):
+            cap = max(top, 2 * len(self.seen), 64)
+            acts, seen = np.zeros((cap, self.acts.shape[1])), np.zeros(cap, bool)
+            acts[: len(self.acts)], seen[: len(self.seen)] = self.acts, self.seen
+            self.acts, self.seen = acts, seen
+        again = pos[self.seen[pos]]
+        if len(again):
+            self.resp_sum -= self.acts[again].sum(axis=0)
+            self.resp_n -= len(again)
+        self.acts[pos] = act
+        self.seen[pos] = True
+        self.resp_sum += act.sum(axis=0, dtype=np.float64)
+        self.resp_n += len(pos)
+        self.next_pos = max(self.next_pos, top)
+
+    def before(self, q: int) -> tuple[np.ndarray, int]:
+        """Sum and count of the kept rows at positions below ``q``."""
+        if q >= self.next_pos:
+            return self.resp_sum, self.resp_n
+        mask = self.seen[:q]
+        return self.acts[:q][mask].sum(axis=0), int(mask.sum())
 
 
 @dataclass
@@ -161,10 +211,15 @@ class Mitigation:
             else:
                 ctl[STEER * k + rule.feature] = rule.alpha
             ctl[GATED * k + rule.feature] = 1.0 if rule.when == "flagged" else 0.0
-        return _Request(rules, ctl, np.zeros(k, np.float64))
+        return _Request(rules, ctl, np.zeros((0, k)), np.zeros(0, bool), np.zeros(k, np.float64))
 
     def controls(
-        self, runner: Any, req_ids: list[str], offsets: np.ndarray, roles: np.ndarray
+        self,
+        runner: Any,
+        req_ids: list[str],
+        offsets: np.ndarray,
+        positions: np.ndarray,
+        roles: np.ndarray,
     ) -> np.ndarray:
         """Control rows ``[n, ctl_width]`` for the step about to run."""
         self._catch_up()
@@ -174,8 +229,10 @@ class Mitigation:
             r = self._request(rid, runner)
             if r.rules:
                 per_req[i] = r.ctl
-                per_req[i, PREV_SUM * k : (PREV_SUM + 1) * k] = r.resp_sum
-                per_req[i, -1] = r.resp_n
+                if r.gated and offsets[i] < offsets[i + 1]:
+                    total, n = r.before(int(positions[offsets[i]]))
+                    per_req[i, PREV_SUM * k : (PREV_SUM + 1) * k] = total
+                    per_req[i, -1] = n
         rows = np.repeat(per_req, np.diff(offsets), axis=0)
         # A gated feature never touches the prompt: "flagged" is a property of the answer.
         gated = rows[:, GATED * k : (GATED + 1) * k] > 0
@@ -185,6 +242,10 @@ class Mitigation:
             cols[gated & prompt] = 0.0
         assert rows.shape[1] == CTL_BLOCKS * k + 1
         return rows
+
+    def any_gated(self, req_ids: list[str]) -> bool:
+        """Whether a rule of these requests waits for the flag (and so needs their rows)."""
+        return any((r := self._requests.get(rid)) is not None and r.gated for rid in req_ids)
 
     def labels(self, req_ids: list[str]) -> list[str]:
         """Each request's label ("" unmitigated) for the batch the sidecar gets."""
@@ -206,26 +267,26 @@ class Mitigation:
         """After the step: its activations (an array, or a host tensor that a device copy fills
         until the event ``ready``) for the running response sums of the next step's gate. They
         are added when the next step asks for its controls, so the engine thread waits for the
-        copy only then, if at all."""
+        copy only then, and only if a request of the step has a rule that waits for the flag."""
         self._behind.append((req_ids, offsets, positions, roles, activations, ready))
 
     def _catch_up(self) -> None:
         behind, self._behind = self._behind, []
         for req_ids, offsets, positions, roles, activations, ready in behind:
+            todo = [
+                (i, r)
+                for i, rid in enumerate(req_ids)
+                if (r := self._requests.get(rid)) is not None and r.gated
+            ]
+            if not todo:
+                continue
             if ready is not None:
                 ready.synchronize()
             act = np.asarray(activations)
-            for i, rid in enumerate(req_ids):
-                r = self._requests.get(rid)
-                if r is None or not r.rules:
-                    continue
+            for i, r in todo:
                 sl = slice(int(offsets[i]), int(offsets[i + 1]))
-                pos = positions[sl]
-                new = (roles[sl] == 1) & (pos >= r.next_pos)
-                r.resp_sum += act[sl][new].sum(axis=0, dtype=np.float64)
-                r.resp_n += int(new.sum())
-                if len(pos):
-                    r.next_pos = max(r.next_pos, int(pos.max()) + 1)
+                resp = roles[sl] == 1
+                r.keep(positions[sl][resp], act[sl][resp])
 
     def forget(self, req_ids: set[str]) -> None:
         """Requests the scheduler finished (it tells the worker in the next step's output)."""
@@ -236,21 +297,25 @@ class Mitigation:
 def salted(
     mitigation: Mitigation, req_id: str, extra: dict[str, Any], salt: str | None
 ) -> str | None:
-    """The prefix-cache salt for a request: its own, plus its mitigation rules if it has any."""
-    label = rules_label(mitigation.rules_for(req_id, extra))
-    if not label:
+    """The prefix-cache salt for a request: its own if it is unmitigated, else a keyed digest of
+    its own and its rules (short, of the characters vLLM allows in a salt, unforgeable)."""
+    rules = mitigation.rules_for(req_id, extra)
+    if not rules:
         return salt
-    return f"{salt}|{SALT}{label}" if salt else SALT + label
+    canon = ",".join(sorted(f"{r.name}={r.mode}:{r.alpha!r}@{r.when}" for r in rules))
+    digest = hmac.new(_SALT_KEY, f"{salt or ''}\0{canon}".encode(), hashlib.sha256)
+    return "misalign-" + digest.hexdigest()[:40]
 
 
-def salt_prefix_cache(mitigation: Mitigation) -> None:
+def salt_prefix_cache() -> None:
     """Keep requests mitigated differently from sharing prefix-cache blocks.
 
     A cached block holds keys and values computed from the residual stream as the request that
     filled it left it: blocks filled under ablation would hand an unmitigated request mitigated
     context (and cached tokens never pass through the op again). vLLM hashes ``cache_salt`` into a
-    request's first block, so salting by the rules gives each rule set its own cache. This runs in
-    the engine-core process, where requests are made and their blocks hashed.
+    request's first block, and each block's hash into the next, so salting by the rules gives
+    each rule set its own cache. This runs in the engine-core process, where requests are made and
+    their blocks hashed, with the process's mitigation at the time each request arrives.
     """
     from vllm.v1.request import Request
 
@@ -259,12 +324,17 @@ def salt_prefix_cache(mitigation: Mitigation) -> None:
         return
 
     def from_engine_core_request(cls: Any, request: Any, block_hasher: Any) -> Any:
-        try:
-            params = request.sampling_params
-            extra = dict(params.extra_args or {}) if params is not None else {}
-            request.cache_salt = salted(mitigation, request.request_id, extra, request.cache_salt)
-        except Exception:
-            log.exception("misalign tap: could not salt request %s's prefix cache", request)
+        active = state.active()
+        m = active.mitigation if active is not None else None
+        if m is not None:
+            try:
+                params = request.sampling_params
+                extra = dict(params.extra_args or {}) if params is not None else {}
+                request.cache_salt = salted(m, request.request_id, extra, request.cache_salt)
+            except Exception:
+                # Unsalted, it might share blocks across rule sets; alone, it shares with none.
+                request.cache_salt = "misalign-unshared-" + uuid.uuid4().hex
+                log.exception("misalign tap: could not salt request %s", request.request_id)
         return orig(cls, request, block_hasher)
 
     from_engine_core_request._misalign_salted = True  # type: ignore[attr-defined]

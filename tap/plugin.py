@@ -32,7 +32,7 @@ def register() -> None:
 
         rules = parse_rules(settings.mitigation, bundle, "MISALIGN_TAP_MITIGATION")
         active.mitigation = Mitigation(bundle, rules, settings.mitigation_default == "on")
-        salt_prefix_cache(active.mitigation)
+        salt_prefix_cache()
 
     from tap import projection_op, runner_hook
 

@@ -185,19 +185,27 @@ def write_controls(runner: Any, so: Any, cfg: state.Active) -> None:
     n = int(so.total_num_scheduled_tokens)
     if n == 0:
         return
-    req_ids, offsets, _, roles = _layout(runner, n)
-    rows = cfg.mitigation.controls(runner, req_ids, offsets, roles)
+    req_ids, offsets, positions, roles = _layout(runner, n)
+    rows = cfg.mitigation.controls(runner, req_ids, offsets, positions, roles)
     ctl = cfg.layer.tap_ctl
     ctl[:n].copy_(torch.from_numpy(rows), non_blocking=True)
     ctl[n:].zero_()  # padded rows of a captured graph: never mitigated
 
 
 def capture(runner: Any, so: Any, cfg: state.Active) -> None:
-    if cfg.publisher is None and not _is_rank0():
-        cfg.layer = None  # other ranks hold the same rows; only rank 0 publishes
-        return
+    if cfg.publishes is None:
+        cfg.publishes = _is_rank0()  # other ranks hold the same rows; only rank 0 publishes
     n = int(so.total_num_scheduled_tokens)
     if n == 0:
+        return
+    if not cfg.publishes:
+        # Every rank mitigates, and so needs the same running sums for its gate.
+        if cfg.mitigation is None:
+            return
+        req_ids, offsets, positions, roles = _layout(runner, n)
+        if cfg.mitigation.any_gated(req_ids):
+            host, ready = _off_device([cfg.layer.tap_out[:n]])
+            cfg.mitigation.observe(req_ids, offsets, positions, roles, host[0], ready)
         return
     req_ids, offsets, positions, roles = _layout(runner, n)
     layer = cfg.layer

@@ -16,6 +16,9 @@ class Active:
     layer: Any = None  # the tapped decoder layer holding tap_out (tap.layer_tap)
     publisher: Any = None
     mitigation: Any = None  # tap.mitigation.Mitigation when rules are configured
+    publishes: bool | None = (
+        None  # this rank sends rows to the sidecar (rank 0); None: not known yet
+    )
 
 
 _ACTIVE: Active | None = None

@@ -61,6 +61,13 @@ def test_a_bad_rule_is_refused_naming_where_it_came_from(text: str, says: str) -
     assert "MISALIGN_TAP_MITIGATION" in str(err.value) and says in str(err.value)
 
 
+def test_flagged_needs_a_calibrated_threshold() -> None:
+    spec = B.spec.features[TOX].model_copy(update={"calibration": None})
+    b = B.with_feature(spec, B.directions[TOX], float(B.bias[TOX]), 0.0)
+    with pytest.raises(TapConfigError, match="'toxic' has no calibration"):
+        parse_rules("toxic=steer:2@flagged", b, "env")
+
+
 def test_flagged_needs_a_feature_scored_as_the_response_mean() -> None:
     """The op's gate is the running response mean: a threshold calibrated for another request
     score would open it at the wrong time, so such a rule is refused; @always still works."""
@@ -92,39 +99,89 @@ def test_each_request_gets_the_default_its_choice_or_nothing(
     m = mitigation(default_on)
     extra = {} if asked is None else {EXTRA_ARG: asked}
     assert rules_label(m.rules_for("r", extra)) == label
-    m.controls(runner(r=extra), ["r"], np.array([0, 1]), np.array([0], np.int8))
+    m.controls(runner(r=extra), ["r"], np.array([0, 1]), np.array([0]), np.array([0], np.int8))
     assert m.labels(["r"]) == [label]
+
+
+def sums(m: Mitigation, rid: str, pos: int) -> tuple[np.ndarray, float]:
+    """What the op's gate starts from for a row of ``rid`` at ``pos``: (prev sum, count)."""
+    ctl = m.controls(runner(**{rid: None}), [rid], np.array([0, 1]), np.array([pos]), np.ones(1))
+    return ctl[0, PREV_SUM * K : (PREV_SUM + 1) * K], float(ctl[0, -1])
 
 
 def test_control_rows_gate_the_prompt_and_carry_the_running_sums() -> None:
     m = mitigation()
     run = runner(a=None, b={EXTRA_ARG: "off"})
     offsets = np.array([0, 3, 5])
+    positions = np.array([0, 1, 2, 0, 1])
     roles = np.array([0, 0, 1, 0, 1], np.int8)
-    ctl = m.controls(run, ["a", "b"], offsets, roles)
+    ctl = m.controls(run, ["a", "b"], offsets, positions, roles)
     assert ctl.shape == (5, ctl_width(K))
     np.testing.assert_array_equal(ctl[:3, ABLATE * K + MP], 1.0)  # @always: prompt rows too
     # @flagged: never on the prompt; on the answer once the gate (on the device) opens.
     np.testing.assert_array_equal(ctl[:3, STEER * K + TOX], [0.0, 0.0, 2.5])
     np.testing.assert_array_equal(ctl[:3, GATED * K + TOX], 1.0)
     assert not ctl[3:].any()  # opted out
+    assert m.any_gated(["a", "b"]) and not m.any_gated(["b"])
 
     # After the step: response rows go into the sums the next step's gate starts from.
     act = np.arange(5 * K, dtype=np.float32).reshape(5, K)
-    m.observe(["a", "b"], offsets, np.array([0, 1, 2, 0, 1]), roles, act)
-    nxt = m.controls(run, ["a"], np.array([0, 1]), np.array([1], np.int8))
-    np.testing.assert_allclose(nxt[0, PREV_SUM * K : (PREV_SUM + 1) * K], act[2])
-    assert nxt[0, -1] == 1
+    m.observe(["a", "b"], offsets, positions, roles, act)
+    total, n = sums(m, "a", 3)
+    np.testing.assert_allclose(total, act[2])
+    assert n == 1
 
-    # Preempted and recomputed: rows at positions already summed are not counted twice.
-    again = np.array([[100.0] * K, [100.0] * K, [100.0] * K, [1.0] * K], np.float32)
-    m.observe(["a"], np.array([0, 4]), np.array([0, 1, 2, 3]), np.array([0, 0, 1, 1]), again)
-    nxt = m.controls(run, ["a"], np.array([0, 1]), np.array([1], np.int8))
-    np.testing.assert_allclose(nxt[0, PREV_SUM * K : (PREV_SUM + 1) * K], act[2] + 1.0)
-    assert nxt[0, -1] == 2
+
+def test_rows_that_come_again_replace_the_earlier_ones_in_the_sums() -> None:
+    """Preemption recomputes a request's rows; speculative decoding runs drafts ahead that may be
+    rejected and their positions filled by other tokens. The gate of a row at position q counts
+    the latest row kept at each position below q."""
+    m = mitigation()
+    one = np.array([0, 1])
+    for pos, value in enumerate([1.0, 2.0, 4.0]):  # prompt 0, answer rows 1 and 2
+        m.controls(runner(a=None), ["a"], one, np.array([pos]), np.array([min(pos, 1)]))
+        row = np.full((1, K), value, np.float32)
+        m.observe(["a"], one, np.array([pos]), np.array([min(pos, 1)], np.int8), row)
+    total, n = sums(m, "a", 3)
+    np.testing.assert_allclose(total, 6.0)
+    assert n == 2
+
+    # Preempted: prompt and answer recomputed in one chunk, the answer rows slightly different.
+    chunk = np.array([[1.0] * K, [2.5] * K, [4.5] * K], np.float32)
+    m.controls(runner(a=None), ["a"], np.array([0, 3]), np.arange(3), np.array([0, 1, 1]))
+    # The chunk's first row is at 0: its gate starts from nothing kept below it.
+    m.observe(["a"], np.array([0, 3]), np.arange(3), np.array([0, 1, 1], np.int8), chunk)
+    total, n = sums(m, "a", 3)
+    np.testing.assert_allclose(total, 7.0)  # 2.5 + 4.5, not 6 + 7
+    assert n == 2
+
+    # Drafts at 3, 4, 5 run; only 3 is accepted, so the next step's row is at 4.
+    drafts = np.array([[1.0] * K, [100.0] * K, [100.0] * K], np.float32)
+    m.observe(["a"], np.array([0, 3]), np.arange(3, 6), np.ones(3, np.int8), drafts)
+    total, n = sums(m, "a", 4)
+    np.testing.assert_allclose(total, 8.0)  # the rejected drafts at 4 and 5 are not below 4
+    assert n == 3
+    m.observe(["a"], one, np.array([4]), np.ones(1, np.int8), np.full((1, K), 3.0, np.float32))
+    total, n = sums(m, "a", 5)
+    np.testing.assert_allclose(total, 11.0)
+    assert n == 4
 
     m.forget({"a"})
     assert m.labels(["a"]) == [""]
+
+
+def test_requests_without_a_gated_rule_keep_no_rows() -> None:
+    m = Mitigation(B, parse_rules("misaligned_persona=ablate@always", B, "env"), True)
+    m.controls(runner(a=None), ["a"], np.array([0, 1]), np.array([5]), np.ones(1))
+    assert not m.any_gated(["a"])
+
+    class Never:
+        def synchronize(self) -> None:
+            raise AssertionError("waited for a device copy nobody needs")
+
+    m.observe(["a"], np.array([0, 1]), np.array([5]), np.ones(1, np.int8), np.ones((1, K)), Never())
+    total, n = sums(m, "a", 6)
+    assert n == 0 and not total.any()
 
 
 def test_requests_mitigated_differently_never_share_a_prefix_cache_salt() -> None:
@@ -132,9 +189,20 @@ def test_requests_mitigated_differently_never_share_a_prefix_cache_salt() -> Non
     assert salted(m, "r", {}, None) is None  # unmitigated: vLLM's cache as it would be
     assert salted(m, "r", {}, "tenant-7") == "tenant-7"
     on = salted(m, "r", {EXTRA_ARG: "on"}, None)
-    own = salted(m, "r", {EXTRA_ARG: "toxic=steer:8@always"}, "tenant-7")
-    assert on == "misalign-mitigation:ablate:misaligned_persona@always,steer:2.5:toxic@flagged"
-    assert own == "tenant-7|misalign-mitigation:steer:8:toxic@always"
+    salts = {
+        on,
+        salted(m, "r", {EXTRA_ARG: "on"}, "tenant-7"),
+        salted(m, "r", {EXTRA_ARG: "toxic=steer:1234567@always"}, None),
+        salted(m, "r", {EXTRA_ARG: "toxic=steer:1234568@always"}, None),  # same label, :g
+        salted(m, "r", {EXTRA_ARG: "toxic=ablate@always"}, None),
+    }
+    assert len(salts) == 5 and None not in salts
+    # The same rules in another order are the same cache; a salt is what vLLM accepts from a
+    # client: at most 128 characters, no '@', '/', '\\' or NUL.
+    swapped = "toxic=steer:2.5@flagged,misaligned_persona=ablate@always"
+    assert salted(m, "q", {EXTRA_ARG: swapped}, None) == on
+    for salt in salts:
+        assert salt is not None and len(salt) <= 128 and not set(salt) & set("@/\\\0")
 
 
 def test_the_op_ablates_steers_and_gates_strictly_above_the_threshold() -> None:

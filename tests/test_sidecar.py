@@ -465,6 +465,12 @@ async def test_activations_and_mitigation_from_the_tap(
             if r.endswith(("-0", "-1")):
                 changed[b.row_offsets[i] : b.row_offsets[i + 1]] = 1
         b.mitigated = changed.tobytes()
+    # Preempted and recomputed: the first step's rows come again, and are not counted twice.
+    again = pb.StepBatch()
+    again.CopyFrom(batches[0])
+    again.step = len(batches)
+    assert not again.finished
+    batches.insert(2, again)
     ch, s = stub(sidecar)
     await send(s, batches)
     for rid, _pos, _tok, roles, proj in reqs:
