@@ -14,6 +14,8 @@ with ``extra_args`` (the OpenAI-compatible server's ``vllm_xargs``)::
     {"misalign_mitigation": "misaligned_persona=steer:8@always"}   these rules instead
 
 ``MISALIGN_TAP_MITIGATION_DEFAULT=off`` makes mitigation opt-in: only requests that ask get it.
+``MISALIGN_TAP_MITIGATION_CLIENTS`` limits what a request may ask: ``rules`` (the default: on, off
+or its own rules), ``switch`` (on or off only), ``none`` (nothing: the operator's rules for all).
 Host side, once per step before the forward, ``write_controls`` fills the op's control rows; after
 it, ``observe`` updates each request's running sums and counts the rows the op changed.
 """
@@ -170,6 +172,8 @@ class Mitigation:
     bundle: Bundle
     default_rules: tuple[Rule, ...]
     default_on: bool
+    # What a request may choose: "rules" (its own), "switch" (on/off), "none" (the default only).
+    clients: str = "rules"
     _requests: dict[str, _Request] = field(default_factory=dict)
     # steps observed whose sums are not added yet: (ids, offsets, positions, roles, activations,
     # ready)
@@ -190,12 +194,15 @@ class Mitigation:
     def rules_for(self, req_id: str, extra: dict[str, Any]) -> tuple[Rule, ...]:
         """The rules a request with these ``extra_args`` gets."""
         asked = extra.get(EXTRA_ARG)
-        if asked is None:
-            return self.default_rules if self.default_on else ()
+        default = self.default_rules if self.default_on else ()
+        if asked is None or self.clients == "none":
+            return default
         if str(asked) == "off":
             return ()
         if str(asked) == "on":
             return self.default_rules
+        if self.clients == "switch":
+            return default  # choosing rules is not this client's to do
         try:
             return parse_rules(str(asked), self.bundle, f"request {req_id} {EXTRA_ARG}")
         except TapConfigError:

@@ -31,7 +31,9 @@ def register() -> None:
         from tap.mitigation import Mitigation, parse_rules, salt_prefix_cache
 
         rules = parse_rules(settings.mitigation, bundle, "MISALIGN_TAP_MITIGATION")
-        active.mitigation = Mitigation(bundle, rules, settings.mitigation_default == "on")
+        active.mitigation = Mitigation(
+            bundle, rules, settings.mitigation_default == "on", settings.mitigation_clients
+        )
         salt_prefix_cache()
 
     from tap import projection_op, runner_hook

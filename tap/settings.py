@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detectors.errors import MisalignError
@@ -30,6 +30,23 @@ class TapSettings(BaseSettings):
     mitigation_default: Literal["on", "off"] = Field(
         default="on", description="off: only requests that ask (extra_args) are mitigated"
     )
+    mitigation_clients: Literal["rules", "switch", "none"] = Field(
+        default="rules",
+        description="what a request's extra_args may choose: its own rules, only on/off, nothing",
+    )
+
+    @model_validator(mode="after")
+    def _someone_mitigated(self) -> TapSettings:
+        if (
+            self.mitigation
+            and self.mitigation_default == "off"
+            and self.mitigation_clients == "none"
+        ):
+            raise ValueError(
+                "MISALIGN_TAP_MITIGATION_DEFAULT=off with MISALIGN_TAP_MITIGATION_CLIENTS=none "
+                "mitigates no request; change one of them"
+            )
+        return self
 
 
 def read_settings() -> TapSettings:

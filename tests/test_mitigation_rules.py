@@ -246,3 +246,43 @@ def test_the_op_ablates_steers_and_gates_strictly_above_the_threshold() -> None:
     np.testing.assert_allclose(float(after[3, 1]), float(raw[3, 1]) - shift, rtol=1e-4)
     np.testing.assert_allclose(after[4].numpy(), raw[4].numpy(), rtol=1e-5)
     assert applied.tolist() == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("clients", "asked", "label"),
+    [
+        ("rules", "toxic=steer:8@always", "steer:8:toxic@always"),
+        ("rules", "off", ""),
+        ("switch", "off", ""),
+        ("switch", "on", "ablate:misaligned_persona@always,steer:2.5:toxic@flagged"),
+        # Asking for its own rules where only on/off is allowed: the default, not the ask.
+        ("switch", "toxic=steer:8@always", ""),
+        ("none", "off", "ablate:misaligned_persona@always,steer:2.5:toxic@flagged"),
+        (
+            "none",
+            "toxic=steer:8@always",
+            "ablate:misaligned_persona@always,steer:2.5:toxic@flagged",
+        ),
+    ],
+)
+def test_the_operator_limits_what_a_request_may_choose(
+    clients: str, asked: str, label: str
+) -> None:
+    on = clients == "none"  # with "none", the operator's rules for everyone
+    m = Mitigation(B, parse_rules(DEFAULT, B, "env"), on, clients)
+    assert rules_label(m.rules_for("r", {EXTRA_ARG: asked})) == label
+
+
+def test_settings_that_mitigate_nobody_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tap.settings import read_settings
+
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION", "toxic=ablate@always")
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION_DEFAULT", "off")
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION_CLIENTS", "none")
+    with pytest.raises(TapConfigError, match="mitigates no request"):
+        read_settings()
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION_CLIENTS", "everyone")
+    with pytest.raises(TapConfigError, match="MISALIGN_TAP_MITIGATION_CLIENTS: Input should be"):
+        read_settings()
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION_CLIENTS", "switch")
+    assert read_settings().mitigation_clients == "switch"
