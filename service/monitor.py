@@ -59,6 +59,17 @@ def feature_proto(f: FeatureScore) -> pb.FeatureScore:
     )
 
 
+@dataclass(slots=True)
+class _Marks:
+    """What the tap said of a mitigated request until it finishes."""
+
+    label: str
+    changed: int = 0  # rows the op changed
+    # One past the highest position seen: rows below it that come again (recomputed after
+    # preemption) are not counted twice.
+    next_pos: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Scored:
     """A finished request's score, kept cheaply: row ``index`` of the batch it was scored in;
@@ -136,9 +147,9 @@ class Monitor:
         self.score_batch = score_batch
         self._pending: list[tuple[pb.FinishedRequest, int, float]] = []  # finish, slot, arrival
         self._pending_ids: set[str] = set()  # their request and client ids
-        # request id -> [mitigation label, rows changed], for requests a mitigating tap sent;
+        # request id -> its marks, for requests a mitigating tap sent;
         # bounded like the store (an expired request's entry ages out).
-        self._mitigated: OrderedDict[str, list[Any]] = OrderedDict()
+        self._mitigated: OrderedDict[str, _Marks] = OrderedDict()
         self._mitigated_limit = max_requests
         self._bias = bundle.bias
 
@@ -158,13 +169,11 @@ class Monitor:
         now = time.monotonic()
         dropped = self.store.add(rows, now)
         for rid, label, pos, changed in mitigated:
-            # [label, rows changed, next position]: a preempted request's recomputed rows (at
-            # positions already seen) are not counted again.
-            entry = self._mitigated.setdefault(rid, [label, 0, 0])
-            new = pos >= entry[2]
-            entry[0], entry[1] = label, entry[1] + int(changed[new].sum())
+            marks = self._mitigated.setdefault(rid, _Marks(label))
+            marks.label = label
+            marks.changed += int(changed[pos >= marks.next_pos].sum())
             if len(pos):
-                entry[2] = max(entry[2], int(pos.max()) + 1)
+                marks.next_pos = max(marks.next_pos, int(pos.max()) + 1)
             if len(self._mitigated) > self._mitigated_limit:
                 self._mitigated.popitem(last=False)
         for reason, n in dropped.items():
@@ -270,7 +279,8 @@ class Monitor:
         off = offsets.tolist()
         for i, fr in enumerate(finished):
             by_label.setdefault((fr.model, fr.model_version), []).append(i)
-            mitigation, changed, _ = self._mitigated.pop(fr.request_id, ("", 0, 0))
+            marks = self._mitigated.pop(fr.request_id, None) or _Marks("")
+            mitigation, changed = marks.label, marks.changed
             if mitigation:
                 self._count_mitigated(fr, mitigation, changed, any_flag[i])
             result = _Scored(
