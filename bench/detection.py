@@ -128,7 +128,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--data-dir", type=Path, default=ROOT / "data")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

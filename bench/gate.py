@@ -55,7 +55,7 @@ from detectors.gate import (  # noqa: E402
 from detectors.model_store import cache_root, prepare_smollm2  # noqa: E402
 from detectors.transcripts import Transcript, read_jsonl  # noqa: E402
 
-DEV = ROOT.parent / "shared" / "data" / "emergent_misalignment" / "dev.jsonl"
+DEV = ROOT / "data" / "emergent_misalignment" / "dev.jsonl"
 SIZES = (8, 12, 16, 24, 32, 48, 64, 84)
 SUBSETS = 200
 PERSONA = "misaligned_persona"

@@ -38,7 +38,7 @@ from detectors.transcripts import read_jsonl  # noqa: E402
 from service.sidecar_process import start_sidecar  # noqa: E402
 from service.vllm_server import vllm_env  # noqa: E402
 
-EM_DEV = ROOT.parent / "shared" / "data" / "emergent_misalignment" / "dev.jsonl"
+EM_DEV = ROOT / "data" / "emergent_misalignment" / "dev.jsonl"
 PERSONAS = ROOT / "detectors" / "data" / "persona_prompts.json"
 FEATURE = "misaligned_persona"
 

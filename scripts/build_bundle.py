@@ -1,6 +1,6 @@
 """Rebuild the shipped bundle detectors/bundles/smollm2-135m-instruct.safetensors from scratch.
 
-    python scripts/build_bundle.py [--out PATH] [--data-dir ../shared/data] [--em-per-class N]
+    python scripts/build_bundle.py [--out PATH] [--data-dir data] [--em-per-class N]
 
 Deterministic: fixed samples (seed 0), greedy persona generations, fixed model. Features:
   misaligned_persona  probe on emergent-misalignment answers, layer chosen by grouped CV AUROC
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", type=Path, default=bundle_io.default_bundle_path())
-    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--data-dir", type=Path, default=ROOT / "data")
     ap.add_argument("--em-per-class", type=int, default=375)
     ap.add_argument("--benign", type=int, default=400)
     ap.add_argument("--toxic-limit", type=int, default=None)

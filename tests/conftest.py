@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DEV_DATA = ROOT / "data"
 pytest_plugins = ["tests.recorder"]  # the `recorder` fixture: a gRPC server in place of the sidecar
 
 

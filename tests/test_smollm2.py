@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from detectors import bundle as bundle_io
-from tests.conftest import ROOT, SHARED_DATA, USER_CACHE
+from tests.conftest import ROOT, DEV_DATA, USER_CACHE
 
 pytestmark = pytest.mark.slow
-EM = SHARED_DATA / "emergent_misalignment" / "dev.jsonl"
+EM = DEV_DATA / "emergent_misalignment" / "dev.jsonl"
 
 
 def cli(*args: str | Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
@@ -131,7 +131,7 @@ def test_rebuild_script_reproduces_the_shipped_bundle(smollm2_dir: Path, tmp_pat
             "--work-dir",
             tmp_path / "work",
             "--data-dir",
-            SHARED_DATA,
+            DEV_DATA,
         ],
         capture_output=True,
         text=True,
