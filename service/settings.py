@@ -1,4 +1,5 @@
-"""Sidecar settings: environment variables (``MISALIGN_*``) over a YAML/TOML file over defaults.
+"""Sidecar settings: command-line flags over environment variables (``MISALIGN_*``, nested
+sections with ``__``: ``MISALIGN_REVIEW__SESSION_TTL_S``) over a YAML/TOML file over defaults.
 
 Read once at start and validated; an error names the setting and what was expected.
 """
@@ -7,12 +8,19 @@ from __future__ import annotations
 
 import re
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 from detectors.bundle import default_bundle_path
 from detectors.errors import MisalignError
@@ -33,7 +41,9 @@ def _state_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MISALIGN_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MISALIGN_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
 
     bundle: Path = Field(default_factory=default_bundle_path, description="direction bundle")
     tokenizer: Path | None = Field(
@@ -141,8 +151,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first, then values from the file (passed as init kwargs), then defaults.
-        return (env_settings, init_settings)
+        # What the user typed last wins: a flag (init) over the environment over the file.
+        path = _CONFIG_FILE.get()
+        if path is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, _file_source(settings_cls, path))
 
     def redacted(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
@@ -152,38 +165,59 @@ class Settings(BaseSettings):
         return out
 
 
-def read_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SettingsError(f"{path}: cannot read config file ({exc.strerror})") from None
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise SettingsError(
-            f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}"
-        ) from None
-    if data is None:
-        return {}
+# The file load_settings was given, for settings_customise_sources (a classmethod, so the path
+# cannot travel on the instance).
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("misalign_config_file", default=None)
+
+
+def _checked(path: Path, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return data
 
 
-def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    values = read_file(path) if path else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+class _YamlFile(YamlConfigSettingsSource):
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            return _checked(file_path, super()._read_file(file_path))
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{file_path}: not valid YAML: {exc}") from None
+
+
+class _TomlFile(TomlConfigSettingsSource):
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            return _checked(file_path, super()._read_file(file_path))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{file_path}: not valid TOML: {exc}") from None
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    # pydantic-settings skips a file that is not there; a file the user named must exist.
     try:
-        return Settings(**values)
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read config file ({exc.strerror})") from None
+    if path.suffix == ".toml":
+        return _TomlFile(settings_cls, toml_file=path)
+    return _YamlFile(settings_cls, yaml_file=path)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``path`` (YAML, or TOML by suffix), the environment and ``overrides`` (the
+    command line's flags; ``None`` means the flag was not given)."""
+    token = _CONFIG_FILE.set(path)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         where = f"{path}: " if path else ""
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            env = "MISALIGN_" + "__".join(str(p) for p in err["loc"]).upper()
             msg = err["msg"].removeprefix("Value error, ")
-            problems.append(
-                f"setting '{loc}' (env MISALIGN_{str(err['loc'][0]).upper()}): {msg}"
-                if err["loc"]
-                else msg
-            )
+            problems.append(f"setting '{loc}' (env {env}): {msg}" if err["loc"] else msg)
         raise SettingsError(where + "; ".join(problems)) from None
+    finally:
+        _CONFIG_FILE.reset(token)
