@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench-detection bench-ingest bundle proto audit fuzz soak clean
+.PHONY: setup demo test test-fast lint bench-detection bench-ingest bundle proto docs audit fuzz soak clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,7 @@ demo: setup
 lint: setup
 	PY=$(PY) scripts/gen_proto.sh --check
 	$(PY) scripts/gen_deploy.py --check
+	$(PY) scripts/gen_docs.py --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -60,6 +61,10 @@ soak: setup
 
 proto: setup
 	PY=$(PY) scripts/gen_proto.sh
+
+# docs/settings.md and docs/metrics.md from the settings models and a live sidecar's registry.
+docs: setup
+	$(PY) scripts/gen_docs.py
 
 bundle: setup
 	$(PY) scripts/build_bundle.py

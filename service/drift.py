@@ -78,6 +78,8 @@ class BaselineCDF:
 
 
 class DriftTracker(Collector):
+    LABELS = LABELS
+
     def __init__(
         self,
         bundle: Bundle,

@@ -36,6 +36,8 @@ class ScoreHistograms(Collector):
     Prometheus families built at scrape time. Per-feature client histograms cost k locked updates
     per request, which dominated scoring."""
 
+    LABELS = ("model", "model_version", "bundle", "feature")
+
     def __init__(self, features: list[str], bundle_id: str, buckets: tuple[float, ...]) -> None:
         self.features = features
         self.bundle_id = bundle_id
@@ -63,7 +65,7 @@ class ScoreHistograms(Collector):
         fam = HistogramMetricFamily(
             "misalign_request_score",
             "Request score per feature (the flag's aggregate)",
-            labels=["model", "model_version", "bundle", "feature"],
+            labels=self.LABELS,
         )
         for (model, version), (counts, sums) in list(self._series.items()):
             cum = np.cumsum(counts, axis=1)
