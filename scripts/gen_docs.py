@@ -40,21 +40,16 @@ def _type_name(annotation: Any) -> str:
 
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
-        try:
-            value = field.default_factory()  # type: ignore[call-arg]
-        except TypeError:
-            return "(computed)"
+        value = field.default_factory()  # type: ignore[call-arg]
         if isinstance(value, BaseModel):
             return "(section)"
+        if isinstance(value, Path):  # depends on the machine: the meaning says how it is found
+            return "(computed)"
     elif field.default is PydanticUndefined:
         return "(required)"
     else:
         value = field.default
-    if isinstance(value, Path) and str(value).startswith(str(Path.home())):
-        return "(per user)"
-    if isinstance(value, Path) and str(value).startswith(str(ROOT)):
-        return "(shipped)"
-    return f"`{value!r}`" if value not in (None, "") else ("unset" if value is None else '`""`')
+    return "unset" if value is None else f"`{value!r}`"
 
 
 def _rows(model: type[BaseModel], env_prefix: str, delimiter: str, dotted: str = "") -> list[str]:

@@ -45,7 +45,10 @@ class Settings(BaseSettings):
         env_prefix="MISALIGN_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    bundle: Path = Field(default_factory=default_bundle_path, description="direction bundle")
+    bundle: Path = Field(
+        default_factory=default_bundle_path,
+        description="direction bundle; default: the shipped one",
+    )
     tokenizer: Path | None = Field(
         default=None,
         description="tokenizer.json to detokenise flagged samples; default: the prepared "
@@ -81,7 +84,10 @@ class Settings(BaseSettings):
     redact_patterns: dict[str, str] = Field(
         default_factory=dict, description="more patterns, name: regular expression"
     )
-    state_dir: Path = Field(default_factory=_state_dir)
+    state_dir: Path = Field(
+        default_factory=_state_dir,
+        description="the embedded Redis' socket and files; default $XDG_STATE_HOME/misalign-monitor",
+    )
     stream: str = "misalign:flagged"
     dead_letter_stream: str = "misalign:flagged:dead"
     group: str = "reviewers"
