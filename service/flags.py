@@ -1,15 +1,25 @@
 """Flagged samples to a Redis stream, surviving a Redis that goes away.
 
-Samples wait in a bounded in-memory buffer; a writer task drains it with exponential backoff
-while Redis is unreachable. When the buffer is full the oldest sample is dropped and counted.
-Writes are idempotent on request id: a Lua script sets a dedup key and appends to the stream in
-one step, so a replayed request is never queued twice.
+Samples wait in a bounded in-memory buffer; a writer task takes up to ``batch_size`` of them out
+and sends them in one pipeline (one call of the Lua script per sample, no transaction, so a
+cluster client works too), with exponential backoff while Redis is unreachable.
+
+Every sample ends either in the stream exactly once or counted in ``queue_dropped`` exactly once:
+
+- Writes are idempotent on request id: the script sets a dedup key and appends to the stream in
+  one step, so a sample sent twice is appended once.
+- A batch the writer has sent may have reached Redis even when the call failed (a timeout; a
+  stopped Redis runs what waits in its socket later), so it is never dropped: it is sent again,
+  as it is, until Redis answers for each sample.
+- When the buffer is full the oldest sample not yet sent is dropped and counted (the new one if
+  every place is held by the batch being sent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -17,7 +27,7 @@ from collections import deque
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from service.metrics import Metrics
 
@@ -64,6 +74,11 @@ return id
 """
 
 
+# A batch's bytes on the wire stay below this (a sample of a long conversation is large); a
+# single sample above it still goes, alone.
+_BATCH_BYTES = 8 * 1024 * 1024
+
+
 class FlagQueue:
     def __init__(
         self,
@@ -76,6 +91,7 @@ class FlagQueue:
         maxlen: int,
         buffer_size: int,
         dedup_ttl_s: int,
+        batch_size: int = 100,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
     ) -> None:
@@ -86,14 +102,18 @@ class FlagQueue:
         self.dead_letter_stream = dead_letter_stream
         self.maxlen = maxlen
         self.dedup_ttl_s = dedup_ttl_s
+        # Samples never sent: the only ones an overflow may drop.
         self.buffer: deque[dict[str, str]] = deque()
+        # The batch taken out of the buffer and sent, until Redis has answered for each sample.
+        self._sending: list[dict[str, str]] = []
         self.buffer_size = buffer_size
+        self.batch_size = min(batch_size, buffer_size)
         metrics.queue_capacity.set(buffer_size)
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._script = client.register_script(_ADD_ONCE)
+        self._sha = hashlib.sha1(_ADD_ONCE.encode()).hexdigest()
         self.connected = False
 
     async def start(self) -> None:
@@ -111,45 +131,95 @@ class FlagQueue:
                 raise
         self.connected = True
 
+    @property
+    def pending(self) -> int:
+        """Samples not yet in Redis: buffered, and sent but not yet answered for."""
+        return len(self.buffer) + len(self._sending)
+
     def put(self, sample: dict[str, Any], request_id: str) -> None:
         """Queue a sample; never blocks and never raises."""
         fields = {"request_id": request_id}
         for key, value in sample.items():
             fields[key] = value if isinstance(value, str) else json.dumps(value)
-        if len(self.buffer) >= self.buffer_size:
-            self.buffer.popleft()
-            self.metrics.queue_dropped.inc()
+        if self.pending >= self.buffer_size:
+            if not self.buffer:  # every place is held by the batch being sent
+                self._drop(fields)
+                return
+            self._drop(self.buffer.popleft())
         self.buffer.append(fields)
-        self.metrics.queue_buffered.set(len(self.buffer))
+        self.metrics.queue_buffered.set(self.pending)
         self._wake.set()
 
-    async def _write(self, fields: dict[str, str]) -> None:
+    def _drop(self, fields: dict[str, str]) -> None:
+        self.metrics.queue_dropped.inc()
+        log.debug(
+            "flag buffer full: dropped the sample of request %s",
+            fields["request_id"],
+            extra={"request_id": fields["request_id"]},
+        )
+
+    def _take(self) -> None:
+        size = 0
+        while self.buffer and len(self._sending) < self.batch_size:
+            size += sum(len(k) + len(v) for k, v in self.buffer[0].items())
+            if self._sending and size > _BATCH_BYTES:
+                break
+            self._sending.append(self.buffer.popleft())
+
+    def _call(self, fields: dict[str, str]) -> tuple[list[str], list[str | int | float]]:
+        """The script's KEYS and ARGV for one sample."""
         args: list[str | int | float] = [self.dedup_ttl_s, self.maxlen, self.group, time.time()]
         for key, value in fields.items():
             args += [key, value]
         key = f"{self.stream}:seen:{fields['request_id']}"
-        added = await self._script(keys=[self.stream, key, self.dead_letter_stream], args=args)
-        if added:
-            self.metrics.queue_pushes.inc()
-        else:
-            self.metrics.queue_duplicates.inc()
+        return [self.stream, key, self.dead_letter_stream], args
+
+    async def _send(self) -> None:
+        """Send the batch in one pipeline; keep in it what Redis did not answer for."""
+        pipe = self.client.pipeline(transaction=False)
+        for fields in self._sending:
+            keys, args = self._call(fields)
+            pipe.evalsha(self._sha, len(keys), *keys, *args)
+        results = await pipe.execute(raise_on_error=False)
+        kept: list[dict[str, str]] = []
+        errors: list[Exception] = []
+        for fields, result in zip(self._sending, results, strict=True):
+            if isinstance(result, Exception):
+                kept.append(fields)
+                errors.append(result)
+            elif result:
+                self.metrics.queue_pushes.inc()
+            else:
+                self.metrics.queue_duplicates.inc()
+        self._sending = kept
+        self.metrics.queue_buffered.set(self.pending)
+        if errors and all(isinstance(e, NoScriptError) for e in errors):
+            # A restarted (or failed-over) Redis has an empty script cache: nothing ran.
+            await self.client.script_load(_ADD_ONCE)
+        elif errors:
+            raise errors[0]
 
     async def _run(self) -> None:
         delay = self.backoff_initial_s
         while True:
-            if not self.buffer:
+            if not self.pending:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             try:
-                if not self.connected:
+                if not self._sending:
+                    # Take samples out only once Redis answers: if it went away while the writer
+                    # was idle, they stay in the buffer, where an overflow drops the oldest.
+                    if self.connected:
+                        await self.client.ping()
+                    else:
+                        await self.ensure_group()
+                        log.info("redis reachable again; draining %d samples", self.pending)
+                    self._take()
+                elif not self.connected:
                     await self.ensure_group()
-                    log.info(
-                        "redis reachable again; draining %d buffered samples", len(self.buffer)
-                    )
-                await self._write(self.buffer[0])
-                self.buffer.popleft()
-                self.metrics.queue_buffered.set(len(self.buffer))
+                    log.info("redis reachable again; resending %d samples", len(self._sending))
+                await self._send()
                 delay = self.backoff_initial_s
             except (RedisError, OSError) as exc:
                 self.metrics.queue_failures.inc()
@@ -163,9 +233,9 @@ class FlagQueue:
         """Wait up to ``timeout_s`` for the buffer to drain; returns what is left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.buffer and loop.time() < deadline:
+        while self.pending and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        return len(self.buffer)
+        return self.pending
 
     async def close(self) -> None:
         if self._task is not None:

@@ -206,6 +206,7 @@ async def start(settings: Settings) -> Sidecar:
         dead_letter_stream=settings.dead_letter_stream,
         maxlen=settings.stream_maxlen,
         buffer_size=settings.buffer_size,
+        batch_size=settings.flag_batch_size,
         dedup_ttl_s=settings.dedup_ttl_s,
     )
     await queue.start()

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     buffer_size: int = Field(
         default=10_000, gt=0, description="flagged samples held while Redis is away"
     )
+    flag_batch_size: int = Field(
+        default=100,
+        gt=0,
+        le=10_000,
+        description="flagged samples sent to Redis in one pipeline (at most 8 MiB of them)",
+    )
     request_timeout_s: float = Field(default=600.0, gt=0, description="expire unfinished requests")
     max_requests: int = Field(default=100_000, gt=0, description="requests tracked at once")
     max_tokens_per_request: int = Field(default=32_768, gt=0)

@@ -78,8 +78,19 @@ class RedisProc:
             self.proc.wait(10)
         self.socket.unlink(missing_ok=True)
 
+    def pause(self) -> None:
+        """SIGSTOP: the sockets stay open and connects still succeed, but nothing is answered;
+        what clients send meanwhile waits in the kernel and runs on `resume`."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process would sit on SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(10)
