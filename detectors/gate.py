@@ -364,7 +364,7 @@ def prometheus_scores(
     midpoints repeated by count (scores above the last finite edge sit on that edge)."""
     sel = f'model_version="{_escape(version)}"'
     if model:
-        sel += f',model="{_escape(model)}"'
+        sel += f',model_name="{_escape(model)}"'
     series = f"misalign_request_score_bucket{{{sel}}}"
     inner = f"increase({series}[{window}])" if window else series
     query = f"sum by (feature, le) ({inner})"
@@ -385,7 +385,7 @@ def prometheus_scores(
     if not values:
         raise GateError(
             f"Prometheus at {url} has no misalign_request_score data for model_version={version!r}"
-            + (f" and model={model!r}" if model else "")
+            + (f" and model_name={model!r}" if model else "")
         )
     return Scores(f"model_version={version}", values, binned=True)
 

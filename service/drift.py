@@ -26,9 +26,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from detectors.bundle import Bundle
+from service.metrics import MODEL_LABEL
 
 PSI_FLOOR = 1e-4  # share given to an empty bin, so PSI stays finite
-LABELS = ["model", "model_version", "bundle", "feature"]
+LABELS = [MODEL_LABEL, "model_version", "bundle", "feature"]
 
 
 class _Window:

@@ -17,6 +17,9 @@ from prometheus_client.samples import Sample
 from detectors.bundle import Bundle
 
 VERSION = "0.1.0"
+# The model's label, named as vLLM names it on its own metrics (vllm:num_requests_running and the
+# rest), so a misalignment rate joins vLLM's request metrics `on (model_name)` as it is.
+MODEL_LABEL = "model_name"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -36,7 +39,7 @@ class ScoreHistograms(Collector):
     Prometheus families built at scrape time. Per-feature client histograms cost k locked updates
     per request, which dominated scoring."""
 
-    LABELS = ("model", "model_version", "bundle", "feature")
+    LABELS = (MODEL_LABEL, "model_version", "bundle", "feature")
 
     def __init__(self, features: list[str], bundle_id: str, buckets: tuple[float, ...]) -> None:
         self.features = features
@@ -89,7 +92,7 @@ def _le(edge: float) -> str:
 class Metrics:
     def __init__(self, bundle: Bundle, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        req = ("model", "model_version", "bundle")
+        req = (MODEL_LABEL, "model_version", "bundle")
         feat = (*req, "feature")
         self.request_score = ScoreHistograms(
             bundle.feature_names, bundle.bundle_id, score_buckets(bundle)
@@ -192,7 +195,7 @@ class Metrics:
         self.bundle_info.info(
             {
                 "bundle": bundle.bundle_id,
-                "model": bundle.spec.model.name,
+                MODEL_LABEL: bundle.spec.model.name,
                 "layer": str(bundle.spec.layer),
                 "features": ",".join(bundle.feature_names),
             }

@@ -48,7 +48,7 @@ def test_real_prometheus_dashboard_queries_and_flag_rate_alert(tmp_path: Path) -
         assert {a["labels"]["feature"] for a in firing if a["state"] == "firing"} == {
             "misaligned_persona"
         }
-        assert all(a["annotations"]["runbook"] for a in firing)
+        assert all(a["annotations"]["runbook_url"] for a in firing)
 
         empty = []
         for title, expr in panel_queries():
@@ -102,8 +102,8 @@ def test_real_prometheus_dashboard_queries_and_flag_rate_alert(tmp_path: Path) -
             if not any(math.isfinite(float(r["value"][1])) for r in result):
                 empty.append(f"{title}: {fill(expr, chosen)} -> {result}")
             for r in result:
-                got = {k: r["metric"].get(k) for k in ("model", "model_version", "feature")}
-                want = {"model": model, "model_version": version, "feature": flagged}
+                got = {k: r["metric"].get(k) for k in ("model_name", "model_version", "feature")}
+                want = {"model_name": model, "model_version": version, "feature": flagged}
                 if any(v is not None and v != want[k] for k, v in got.items()):
                     leaked.append(f"{title}: {r['metric']}")
         assert empty == [], "\n".join(empty)

@@ -253,7 +253,7 @@ async def test_several_requests_finishing_in_one_step_over_grpc(
                 assert g.response_max_rolling == pytest.approx(w.response_max_rolling, rel=1e-6)
                 assert g.flagged == w.flagged
         text = metrics_text(sc)
-        lab = {"model": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
+        lab = {"model_name": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
         assert sample(text, "misalign_requests_scored_total", **lab) == 10
         assert sample(text, "misalign_request_score_count", feature="toxic", **lab) == 10
         n_flag = sum(
@@ -336,7 +336,7 @@ async def test_an_open_stream_gets_its_finishes_scored_without_being_asked(
             await done.wait()
 
         call = s.Ingest(steps())
-        lab = {"model": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
+        lab = {"model_name": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
         loop = asyncio.get_running_loop()
         end = loop.time() + 10
         while sample(metrics_text(sc), "misalign_requests_scored_total", True, **lab) < 1:

@@ -194,7 +194,7 @@ async def test_metrics_and_flagged_samples_in_the_stream(
     assert r.xlen("misalign:flagged") == len(entries)
 
     text = metrics_text(sidecar)
-    lab = {"model": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
+    lab = {"model_name": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
     assert sample(text, "misalign_requests_scored_total", **lab) == 8
     assert sample(text, "misalign_requests_flagged_total", feature="misaligned_persona", **lab) >= 4
     assert sample(text, "misalign_tokens_ingested_total") == sum(len(q[1]) for q in reqs) + len(
@@ -482,7 +482,7 @@ async def test_activations_and_mitigation_from_the_tap(
         assert got.mitigation == ("ablate:misaligned_persona@always" if mitigated else label)
         assert got.mitigated_tokens == (len(roles) if mitigated else 0)
     text = metrics_text(sidecar)
-    lab = {"model": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id, "mode": "ablate"}
+    lab = {"model_name": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id, "mode": "ablate"}
     assert sample(text, "misalign_requests_mitigated_total", flagged="yes", **lab) == 1
     assert sample(text, "misalign_requests_mitigated_total", flagged="no", **lab) == 1
     # Request 3's rules moved nothing: no series for its mode.
