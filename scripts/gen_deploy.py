@@ -3,10 +3,12 @@
 - ``deploy/grafana/misalign-monitor.json``: the Grafana dashboard. Every metric a panel names
   must be exported by the sidecar (read from the ``/metrics`` of a real sidecar started on the
   shipped bundle) or recorded by ``deploy/prometheus/rules.yml``; otherwise this script fails.
-- ``deploy/k8s/base/prometheusrule.yaml``: ``deploy/prometheus/rules.yml`` wrapped in a
-  Prometheus Operator ``PrometheusRule``.
-- ``deploy/k8s/base/bundle-configmap.yaml``: the shipped direction bundle as a ConfigMap (a
-  bundle for a 4,096-wide model with 16 features is 256 KiB, under the 1 MiB ConfigMap limit).
+- ``deploy/k8s/components/misalign-sidecar/prometheusrule.yaml``: ``deploy/prometheus/rules.yml``
+  wrapped in a Prometheus Operator ``PrometheusRule``.
+- ``deploy/k8s/components/misalign-sidecar/bundle.safetensors``: a copy of the shipped direction
+  bundle, which the Component's ``configMapGenerator`` makes a ConfigMap of (kustomize reads only
+  files inside the kustomization; a bundle for a 4,096-wide model with 16 features is 256 KiB,
+  under the 1 MiB ConfigMap limit).
 
     python scripts/gen_deploy.py            # write them
     python scripts/gen_deploy.py --check    # exit 1 if a generated file is out of date (make lint)
@@ -15,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import re
 import sys
@@ -29,16 +30,43 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "misalign-monitor.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-PROMETHEUS_RULE = ROOT / "deploy" / "k8s" / "base" / "prometheusrule.yaml"
-BUNDLE_CONFIGMAP = ROOT / "deploy" / "k8s" / "base" / "bundle-configmap.yaml"
+COMPONENT = ROOT / "deploy" / "k8s" / "components" / "misalign-sidecar"
+PROMETHEUS_RULE = COMPONENT / "prometheusrule.yaml"
+BUNDLE_COPY = COMPONENT / "bundle.safetensors"
 JOB = "misalign-sidecar"
 
 # Series Prometheus makes itself for every target.
 PROMETHEUS_SERIES = {"up", "scrape_duration_seconds"}
 
-SEL = 'model=~"$model", model_version=~"$version"'
+# The dashboard variable stays "model"; the label is vLLM's name for it (service.metrics.MODEL_LABEL).
+SEL = 'model_name=~"$model", model_version=~"$version"'
 FSEL = f'{SEL}, feature=~"$feature"'
 RI = "$__rate_interval"
+
+# Where docs/deploy.md's `kubectl port-forward svc/misalign-review 8642` serves the review page;
+# set the dashboard's review_url variable to the address auditors use.
+REVIEW_URL = "http://localhost:8642"
+# vLLM's own dashboards (its example Grafana dashboard, the production-stack's), found by the tag
+# `vllm`, opened on the same time range; and the review page, opened on its queue.
+LINKS = [
+    {
+        "title": "vLLM",
+        "type": "dashboards",
+        "tags": ["vllm"],
+        "asDropdown": True,
+        "includeVars": False,
+        "keepTime": True,
+        "targetBlank": False,
+    },
+    {
+        "title": "Review flagged samples",
+        "type": "link",
+        "url": "${review_url}/",
+        "tooltip": "The auditors' review page: the queue of flagged samples",
+        "icon": "external link",
+        "targetBlank": True,
+    },
+]
 
 
 def registered_metric_names() -> set[str]:
@@ -175,8 +203,8 @@ def dashboard() -> dict[str, Any]:
         "Requests scored / s",
         [
             (
-                f"sum by (model, model_version) (rate(misalign_requests_scored_total{{{SEL}}}[{RI}]))",
-                "{{model}} {{model_version}}",
+                f"sum by (model_name, model_version) (rate(misalign_requests_scored_total{{{SEL}}}[{RI}]))",
+                "{{model_name}} {{model_version}}",
             )
         ],
         unit="reqps",
@@ -391,23 +419,35 @@ def dashboard() -> dict[str, Any]:
                     "type": "datasource",
                     "query": "prometheus",
                 },
-                _variable("model", "model", "label_values(misalign_requests_scored_total, model)"),
+                _variable(
+                    "model", "model", "label_values(misalign_requests_scored_total, model_name)"
+                ),
                 _variable(
                     "version",
                     "version",
-                    'label_values(misalign_requests_scored_total{model=~"$model"}, model_version)',
+                    'label_values(misalign_requests_scored_total{model_name=~"$model"}, model_version)',
                 ),
                 _variable(
                     "feature", "feature", "label_values(misalign_feature_threshold, feature)"
                 ),
+                {
+                    "name": "review_url",
+                    "label": "review page",
+                    "type": "textbox",
+                    "description": "Where the review page is served (the dashboard's link to it)",
+                    "query": REVIEW_URL,
+                    "current": {"text": REVIEW_URL, "value": REVIEW_URL},
+                },
             ]
         },
+        "links": LINKS,
         "annotations": {"list": []},
         "panels": L.panels,
     }
 
 
-METRIC = re.compile(r"\b(misalign[_:][A-Za-z0-9_:]*|up)\b")
+# A sidecar metric, a recorded one (level:misalign_metric:operations), or Prometheus's `up`.
+METRIC = re.compile(r"\b((?:[a-z_]+:)?misalign_[A-Za-z0-9_:]*|up)\b")
 
 
 def queries(dash: dict[str, Any]) -> list[tuple[str, str]]:
@@ -454,31 +494,20 @@ def prometheus_rule() -> str:
     return head + yaml.safe_dump(doc, sort_keys=False, width=100)
 
 
-def bundle_configmap() -> str:
+def bundle_bytes() -> bytes:
     sys.path.insert(0, str(ROOT))
     from detectors import bundle as bundle_io
 
-    path = bundle_io.default_bundle_path()
-    doc = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": "misalign-bundle",
-            "annotations": {"misalign.dev/bundle-id": bundle_io.load(path).bundle_id},
-        },
-        "binaryData": {"bundle.safetensors": base64.b64encode(path.read_bytes()).decode()},
-    }
-    head = f"# Generated by scripts/gen_deploy.py from {path.relative_to(ROOT)}; do not edit.\n"
-    return head + yaml.safe_dump(doc, sort_keys=False, width=100)
+    return bundle_io.default_bundle_path().read_bytes()
 
 
-def render() -> dict[Path, str]:
+def render() -> dict[Path, str | bytes]:
     dash = dashboard()
     check_names(dash, registered_metric_names() | recorded_names() | PROMETHEUS_SERIES)
     return {
         DASHBOARD: json.dumps(dash, indent=2, ensure_ascii=False) + "\n",
         PROMETHEUS_RULE: prometheus_rule(),
-        BUNDLE_CONFIGMAP: bundle_configmap(),
+        BUNDLE_COPY: bundle_bytes(),
     }
 
 
@@ -487,13 +516,14 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="fail if a generated file is stale")
     args = ap.parse_args()
     stale = []
-    for path, text in render().items():
+    for path, content in render().items():
+        data = content.encode() if isinstance(content, str) else content
         if args.check:
-            if not path.exists() or path.read_text() != text:
+            if not path.exists() or path.read_bytes() != data:
                 stale.append(path.relative_to(ROOT))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            path.write_bytes(data)
             print(f"wrote {path.relative_to(ROOT)}")
     if stale:
         print(

