@@ -501,3 +501,67 @@ async def test_heat_switches_to_another_features_token_scores(site: Site) -> Non
                 f"no feature {name!r} in sample {sid}; "
                 "its features: misaligned_persona, toxic, persona_contrast"
             )
+
+
+# Each would send the browser to evil.example, or is not a path of this site, read as a browser
+# reads a Location header (tabs and newlines dropped, "\" as "/"), as written or decoded.
+HOSTILE_NEXT = [
+    "/\t/evil.example/",
+    "/\n/evil.example/",
+    "/\r\n/evil.example/",
+    "//evil.example",
+    "///evil.example",
+    "/\\evil.example",
+    "/\\/evil.example",
+    "\\\\evil.example",
+    "\\/evil.example",
+    " //evil.example",
+    "\t//evil.example",
+    "\x00//evil.example",
+    "/\x00/evil.example",
+    "https://evil.example/",
+    "http:evil.example",
+    "http:/evil.example",
+    "javascript:alert(1)",
+    "evil.example",
+    "/%2F/evil.example",
+    "/%2f%2fevil.example",
+    "%2F%2Fevil.example",
+    "/%5Cevil.example",
+    "/%5c%5cevil.example",
+    "/%09/evil.example",
+    "/%0a/evil.example",
+    "/%252F%252Fevil.example",  # encoded twice
+    "/%25252F%25252Fevil.example",  # three times
+    "/\u3000/evil.example",
+    "\uff0f\uff0fevil.example",  # fullwidth solidus
+    "/ /evil.example",
+    "/?x=1\r\nSet-Cookie: misalign_review=forged",
+]
+LOCAL_NEXT = [
+    "/",
+    "/?model=m-a&feature=toxic",
+    "/samples/1764000000000-0?heat=toxic",
+    "/dead-letters",
+    "/?model=org%2Fm-b",  # an encoded slash inside a query value stays a query value
+    "/?model=%C3%A9",
+]
+
+
+async def test_login_redirects_only_to_paths_of_this_site(site: Site) -> None:
+    async with session() as http:
+        for target, expected in [(t, "/") for t in HOSTILE_NEXT] + [(t, t) for t in LOCAL_NEXT]:
+            r = await http.get(f"{site.url}/login", params={"next": target})
+            assert r.status == 200 and f'name="next" value="{html.escape(expected)}"' in (
+                await r.text()
+            ), target
+            r = await http.post(
+                f"{site.url}/login",
+                data={"user": "alice", "password": PASSWORD, "next": target},
+                allow_redirects=False,
+            )
+            # aiohttp writes the Location as yarl normalises it ("%2F" in a query becomes "/").
+            assert (r.status, r.headers["Location"]) == (303, str(URL(expected))), target
+            assert urlsplit(str(URL(site.url).join(URL(r.headers["Location"])))).netloc == (
+                urlsplit(site.url).netloc
+            )
