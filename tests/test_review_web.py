@@ -301,6 +301,8 @@ async def test_hostile_text_is_escaped_and_decisions_need_csrf(site: Site) -> No
         assert r.status == 409 and "not pending" in await r.text()
         r = await http.get(f"{site.url}/samples/not-an-id")
         assert r.status == 404
+        r = await http.get(f"{site.url}/samples/{sid}%0A")  # "$" would let the newline through
+        assert r.status == 404
 
 
 def queue_ids(page: str) -> list[str]:
@@ -537,6 +539,7 @@ HOSTILE_NEXT = [
     "\uff0f\uff0fevil.example",  # fullwidth solidus
     "/ /evil.example",
     "/?x=1\r\nSet-Cookie: misalign_review=forged",
+    "/dead-letters\n",  # a local path, but no Location header may carry a newline
 ]
 LOCAL_NEXT = [
     "/",

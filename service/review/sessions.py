@@ -23,7 +23,7 @@ from service.review.store import ReviewError
 
 PREFIX = "misalign:review:"
 # What secrets.token_urlsafe(32) makes; anything else is refused before Redis is asked.
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def review_key(*parts: str) -> str:
@@ -64,14 +64,17 @@ class SessionStore:
         return session_id, session
 
     async def get(self, session_id: str | None) -> Session | None:
-        if not session_id or not SESSION_ID.match(session_id):
+        if not session_id or not SESSION_ID.fullmatch(session_id):
             return None
         record = await redis_call(self.where, self.client.get(self.key(session_id)))
         if record is None:
             return None
-        fields = json.loads(record)
-        return Session(str(fields["user"]), str(fields["csrf"]))
+        try:
+            fields = json.loads(record)
+            return Session(str(fields["user"]), str(fields["csrf"]))
+        except (ValueError, TypeError, KeyError):
+            return None  # not a record this module wrote: no session, rather than a 500
 
     async def revoke(self, session_id: str | None) -> None:
-        if session_id and SESSION_ID.match(session_id):
+        if session_id and SESSION_ID.fullmatch(session_id):
             await redis_call(self.where, self.client.delete(self.key(session_id)))

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 COOKIE = "misalign_review"
 PUBLIC = ("/login", "/healthz", "/metrics")
-ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")  # fullmatch: "$" lets a final newline in
 QUEUE_ROWS = 500
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -134,7 +134,7 @@ def templates() -> jinja2.Environment:
 
 # What a page's own links hold: printable ASCII, no space, no backslash (a browser reads "\\"
 # as "/"); anything else (encoded by yarl when the login redirect was made) is refused whole.
-_PLAIN_PATH = re.compile(r"^/[!-\[\]-~]*$")
+_PLAIN_PATH = re.compile(r"/[!-\[\]-~]*")
 # What a browser drops from a URL before parsing it (WHATWG URL: tabs and newlines anywhere,
 # C0 controls and spaces at either end).
 _DROPPED = re.compile(r"[\t\n\r]")
@@ -147,7 +147,7 @@ def _safe_next(target: str | None) -> str:
     It is checked as written and after each round of percent-decoding (a proxy or a later
     redirect may decode it once more): at every stage, read as a browser reads it, it must have
     no scheme and no host, and must not start with ``//`` (a host on another site)."""
-    if not target or len(target) > 2000 or not _PLAIN_PATH.match(target):
+    if not target or len(target) > 2000 or not _PLAIN_PATH.fullmatch(target):
         return "/"
     seen = target
     for _ in range(4):
@@ -250,7 +250,7 @@ def _page(request: web.Request, name: str, status: int = 200, **ctx: Any) -> web
 
 def _entry_id(request: web.Request) -> str:
     value = request.match_info["id"]
-    if not ENTRY_ID.match(value):
+    if not ENTRY_ID.fullmatch(value):
         raise web.HTTPNotFound(text=f"not a stream entry id: {value!r}")
     return value
 
@@ -323,7 +323,7 @@ async def logout(request: web.Request) -> web.Response:
 
 def _decided(request: web.Request) -> str:
     value = request.query.get("decided", "")
-    return value if ENTRY_ID.match(value) else ""
+    return value if ENTRY_ID.fullmatch(value) else ""
 
 
 def _filters(values: Any) -> dict[str, str]:
