@@ -15,6 +15,14 @@ class TapConfigError(MisalignError):
     pass
 
 
+# What a request's extra_args may choose: only switch mitigation on (the default), on or off,
+# on, off or its own rules, nothing.
+ClientChoice = Literal["on", "switch", "rules", "none"]
+# The strongest steer (residual-stream units along the feature's unit direction) allowed unless
+# the operator sets MISALIGN_TAP_MITIGATION_MAX_ALPHA: twice bench/steer.py's largest.
+DEFAULT_MAX_ALPHA = 16.0
+
+
 class TapSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MISALIGN_TAP_", extra="ignore", frozen=True)
 
@@ -30,9 +38,16 @@ class TapSettings(BaseSettings):
     mitigation_default: Literal["on", "off"] = Field(
         default="on", description="off: only requests that ask (extra_args) are mitigated"
     )
-    mitigation_clients: Literal["rules", "switch", "none"] = Field(
-        default="rules",
-        description="what a request's extra_args may choose: its own rules, only on/off, nothing",
+    mitigation_clients: ClientChoice = Field(
+        default="on",
+        description="what a request's extra_args may choose: on (only switch it on), switch "
+        "(on or off), rules (on, off or its own rules), none (nothing)",
+    )
+    mitigation_max_alpha: float = Field(
+        default=DEFAULT_MAX_ALPHA,
+        gt=0,
+        allow_inf_nan=False,
+        description="the strongest steer:ALPHA a rule (the operator's or a request's) may ask",
     )
 
     @model_validator(mode="after")
