@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import grpc
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detectors.errors import MisalignError
+from service.tls_files import read_pem
 
 
 class TapConfigError(MisalignError):
@@ -30,6 +32,19 @@ class TapSettings(BaseSettings):
     sidecar: str = Field(default="127.0.0.1:50051", description="host:port or unix:/path")
     model_version: str = Field(default="unknown", description="label for metrics and samples")
     model_name: str | None = Field(default=None, description="label; default the bundle's model")
+    # TLS to a sidecar over TCP (tap/publisher.py); the Unix socket is plaintext.
+    tls_ca: Path | None = Field(
+        default=None, description="PEM CA to verify the sidecar with; set: TLS over TCP"
+    )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="the tap's PEM client certificate (mTLS), signed by the CA "
+        "the sidecar's tls_client_ca names",
+    )
+    tls_key: Path | None = Field(default=None, description="its PEM private key, unencrypted")
+    tls_server_name: str | None = Field(
+        default=None, description="the name in the sidecar's certificate, if not the host"
+    )
     queue_size: int = Field(default=1024, gt=0, description="steps held for the publisher")
     backoff_max_s: float = Field(default=5.0, gt=0)
     mitigation: str = Field(
@@ -51,6 +66,35 @@ class TapSettings(BaseSettings):
     )
 
     @model_validator(mode="after")
+    def _tls(self) -> TapSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("MISALIGN_TAP_TLS_CERT and MISALIGN_TAP_TLS_KEY go together")
+        tls = self.tls_ca is not None
+        if not tls and (self.tls_cert is not None or self.tls_server_name is not None):
+            raise ValueError(
+                "MISALIGN_TAP_TLS_CERT/_KEY/_SERVER_NAME need MISALIGN_TAP_TLS_CA, the CA that "
+                "signed the sidecar's certificate"
+            )
+        if tls and self.sidecar.startswith("unix:"):
+            raise ValueError(
+                f"MISALIGN_TAP_SIDECAR is {self.sidecar}: the Unix socket is plaintext (its "
+                "permissions guard it); unset MISALIGN_TAP_TLS_*, or give a host:port"
+            )
+        self.channel_credentials()  # every file readable and PEM
+        return self
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials for the channel to the sidecar (None: plaintext)."""
+        if self.tls_ca is None:
+            return None
+        ca = read_pem(self.tls_ca, "certificate", "MISALIGN_TAP_TLS_CA")
+        key = cert = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            key = read_pem(self.tls_key, "private key", "MISALIGN_TAP_TLS_KEY")
+            cert = read_pem(self.tls_cert, "certificate", "MISALIGN_TAP_TLS_CERT")
+        return grpc.ssl_channel_credentials(ca, key, cert)
+
+    @model_validator(mode="after")
     def _someone_mitigated(self) -> TapSettings:
         if (
             self.mitigation
@@ -69,5 +113,8 @@ def read_settings() -> TapSettings:
         return TapSettings()
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = "MISALIGN_TAP_" + str(err["loc"][0]).upper() if err["loc"] else "MISALIGN_TAP_*"
-        raise TapConfigError(f"misalign tap: {name}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across settings: its message names them
+            raise TapConfigError(f"misalign tap: {msg}") from None
+        name = "MISALIGN_TAP_" + str(err["loc"][0]).upper()
+        raise TapConfigError(f"misalign tap: {name}: {msg}") from None
