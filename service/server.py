@@ -195,6 +195,49 @@ def _listen(server: grpc.aio.Server, addr: str, setting: str, creds: Any = None)
 async def start(settings: Settings) -> Sidecar:
     bundle = bundle_io.load(settings.bundle)
     metrics = Metrics(bundle)
+    # Listeners first: a port taken is refused before a process (embedded Redis) is started.
+    opts = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    prefix = f"/{SERVICE_NAME}/"
+    access = AuthInterceptor(AccessPolicy.from_settings(settings), metrics, prefix)
+    guard = MalformedMessageInterceptor(metrics, prefix)
+    # The first interceptor runs first: a refused caller's bytes are never decoded.
+    server = grpc.aio.server(options=opts, interceptors=[access, guard])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    tcp_port = None
+    if settings.grpc_port is not None:
+        addr = f"{settings.grpc_host}:{settings.grpc_port}"
+        tcp_port = _listen(server, addr, "grpc_port", server_credentials(settings))
+    if settings.unix_socket is not None:
+        settings.unix_socket.parent.mkdir(parents=True, exist_ok=True)
+        settings.unix_socket.unlink(missing_ok=True)
+        # Plaintext: the socket's permissions guard it, and the tap speaks no TLS to it.
+        _listen(server, f"unix:{settings.unix_socket}", "unix_socket")
+    health_server = health_port = None
+    if settings.health_port is not None:
+        # A server of its own holding only the health service: probes get no other method.
+        health_server = grpc.aio.server(options=opts)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        addr = f"{settings.grpc_host}:{settings.health_port}"
+        health_port = _listen(health_server, addr, "health_port")
+    try:
+        http_server, _thread = start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        )
+    except OSError as exc:
+        addr = f"{settings.metrics_host}:{settings.metrics_port}"
+        raise SettingsError(f"setting 'metrics_port': cannot listen on {addr} ({exc})") from None
     embedded = None
     url = redis_conn.redis_url(settings)
     if url is None:
@@ -234,52 +277,14 @@ async def start(settings: Settings) -> Sidecar:
             min_requests=settings.drift_min_requests,
         ),
     )
-    opts = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-    ]
-    prefix = f"/{SERVICE_NAME}/"
-    auth = AuthInterceptor(AccessPolicy.from_settings(settings), metrics, prefix)
-    guard = MalformedMessageInterceptor(metrics, prefix)
-    # The first interceptor runs first: a refused caller's bytes are never decoded.
-    server = grpc.aio.server(options=opts, interceptors=[auth, guard])
     pb_grpc.add_MonitorServicer_to_server(
         MonitorServicer(monitor, settings.score_delay_ms / 1e3), server
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    tcp_port = None
-    if settings.grpc_port is not None:
-        addr = f"{settings.grpc_host}:{settings.grpc_port}"
-        tcp_port = _listen(server, addr, "grpc_port", server_credentials(settings))
-    if settings.unix_socket is not None:
-        settings.unix_socket.parent.mkdir(parents=True, exist_ok=True)
-        settings.unix_socket.unlink(missing_ok=True)
-        # Plaintext: the socket's permissions guard it, and the tap speaks no TLS to it.
-        _listen(server, f"unix:{settings.unix_socket}", "unix_socket")
-    health_server = health_port = None
-    if settings.health_port is not None:
-        # A server of its own holding only the health service: probes get no other method.
-        health_server = grpc.aio.server(options=opts)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        addr = f"{settings.grpc_host}:{settings.health_port}"
-        health_port = _listen(health_server, addr, "health_port")
     await server.start()
     if health_server is not None:
         await health_server.start()
     if settings.unix_socket is not None:
         os.chmod(settings.unix_socket, settings.unix_socket_mode)
-    http_server, _thread = start_http_server(
-        settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
-    )
     metrics_port = http_server.server_port
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,8 @@ def make_pki(d: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
-async def test_tls_and_mutual_tls(tmp_path: Path, mutual: bool) -> None:
-    pki = make_pki(tmp_path)
-    redis_server = RedisServer(tmp_path / "redis").start()
+async def test_tls_and_mutual_tls(tmp_path: Path, redis_server: RedisServer, mutual: bool) -> None:
+    pki = make_pki(tmp_path / "pki")
     sc = await start(
         Settings(
             grpc_port=0,
@@ -117,13 +116,19 @@ async def test_tls_and_mutual_tls(tmp_path: Path, mutual: bool) -> None:
                     )
     finally:
         await sc.stop()
-        redis_server.stop()
 
 
 # -- who may ingest: the tap over the Unix socket or mTLS; health for probes ------------------
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 TOKEN = "s3cret-token-for-client-calls"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 def flagged_request(
@@ -174,13 +179,13 @@ async def tls_sidecar(tmp_path: Path, redis_url: str, pki: dict[str, Path], **ov
 
 async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_socket(
     tmp_path: Path,
+    redis_server: RedisServer,
 ) -> None:
     """TLS on, the sidecar requiring client certificates: the real tap Publisher gets through
     over TCP with its certificate, and over the Unix socket in plaintext; one with a certificate
     from another CA gets nowhere, and nothing of its reaches the review queue."""
     pki = make_pki(tmp_path / "pki")
     other = make_pki(tmp_path / "other")
-    redis_server = RedisServer(tmp_path / "redis").start()
     sc = await tls_sidecar(tmp_path, redis_server.url, pki, tls_client_ca=pki["ca.pem"])
     r = redis_server.client()
     publishers: list[Publisher] = []
@@ -215,17 +220,16 @@ async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_so
         assert r.xlen("misalign:flagged") == 2
     finally:
         await sc.stop()
-        redis_server.stop()
 
 
 async def test_ingest_without_a_client_certificate_and_calls_without_the_token_are_refused(
     tmp_path: Path,
+    redis_server: RedisServer,
 ) -> None:
     """TLS without client certificates, a bearer token for client calls: Ingest over TCP is
     refused (UNAUTHENTICATED, counted) and none of its samples reach Redis; a client call needs
     the token, a wrong one is refused."""
     pki = make_pki(tmp_path / "pki")
-    redis_server = RedisServer(tmp_path / "redis").start()
     sc = await tls_sidecar(tmp_path, redis_server.url, pki, api_token=TOKEN)
     creds = grpc.ssl_channel_credentials(pki["ca.pem"].read_bytes())
     try:
@@ -264,13 +268,13 @@ async def test_ingest_without_a_client_certificate_and_calls_without_the_token_a
         assert redis_server.client().xlen("misalign:flagged") == 0
     finally:
         await sc.stop()
-        redis_server.stop()
 
 
-async def test_plaintext_ingest_over_tcp_only_on_a_loopback_listener(tmp_path: Path) -> None:
+async def test_plaintext_ingest_over_tcp_only_on_a_loopback_listener(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
     """Bound beyond loopback without TLS, the TCP listener takes no Ingest (the tap uses the
     Unix socket or mTLS); the Unix socket still does."""
-    redis_server = RedisServer(tmp_path / "redis").start()
     sc = await start(
         Settings(
             grpc_host="0.0.0.0",
@@ -292,14 +296,13 @@ async def test_plaintext_ingest_over_tcp_only_on_a_loopback_listener(tmp_path: P
         assert refused(sc, "Ingest") == 1
     finally:
         await sc.stop()
-        redis_server.stop()
 
 
 async def test_health_answers_in_plaintext_on_its_own_port_while_the_main_port_needs_mtls(
     tmp_path: Path,
+    redis_server: RedisServer,
 ) -> None:
     pki = make_pki(tmp_path / "pki")
-    redis_server = RedisServer(tmp_path / "redis").start()
     sc = await tls_sidecar(
         tmp_path, redis_server.url, pki, tls_client_ca=pki["ca.pem"], health_port=0
     )
@@ -335,4 +338,3 @@ async def test_health_answers_in_plaintext_on_its_own_port_while_the_main_port_n
             assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await sc.stop()
-        redis_server.stop()
