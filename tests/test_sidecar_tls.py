@@ -190,10 +190,9 @@ async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_so
     r = redis_server.client()
     publishers: list[Publisher] = []
 
-    def tap(sidecar: str, pki_: dict[str, Path] | None) -> Publisher:
-        tls = {}
+    def tap(sidecar: str, pki_: dict[str, Path] | None, **tls: Any) -> Publisher:
         if pki_ is not None:
-            tls = dict(
+            tls |= dict(
                 tls_ca=pki["ca.pem"], tls_cert=pki_["client.pem"], tls_key=pki_["client.key"]
             )
         publishers.append(
@@ -206,9 +205,14 @@ async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_so
         await until(lambda: r.xlen("misalign:flagged") == 1, "the mTLS tap's flagged sample")
         publish(tap(f"unix:{sc.settings.unix_socket}", None), "over-socket")
         await until(lambda: r.xlen("misalign:flagged") == 2, "the socket tap's flagged sample")
+        # By address, the certificate's name given (it names localhost, not 127.0.0.1).
+        via_ip = f"127.0.0.1:{sc.tcp_port}"
+        publish(tap(via_ip, pki, tls_server_name="localhost"), "by-address")
+        await until(lambda: r.xlen("misalign:flagged") == 3, "the by-address tap's sample")
         assert {e[1]["request_id"] for e in r.xrange("misalign:flagged")} == {
             "over-mtls",
             "over-socket",
+            "by-address",
         }
 
         stranger = tap(f"localhost:{sc.tcp_port}", other)  # verifies the server, is not trusted
@@ -217,7 +221,7 @@ async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_so
             lambda: stranger.steps_dropped["sidecar_unavailable"] == 2, "the stranger's drops"
         )
         assert not stranger.connected and sc.monitor.lookup("forged") is None
-        assert r.xlen("misalign:flagged") == 2
+        assert r.xlen("misalign:flagged") == 3
     finally:
         await sc.stop()
 
