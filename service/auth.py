@@ -51,10 +51,10 @@ def is_loopback(host: str) -> bool:
 
 def check_auth_settings(s: Settings) -> None:
     """The listener and credential settings fit together; ValueError says which do not."""
-    for name, what in (("tls_cert", "certificate"), ("tls_key", "private key")):
-        path = getattr(s, name)
-        if path is not None:
-            read_pem(path, what, name)  # type: ignore[arg-type]
+    if s.tls_cert is not None:
+        read_pem(s.tls_cert, "certificate", "tls_cert")
+    if s.tls_key is not None:
+        read_pem(s.tls_key, "private key", "tls_key")
     if s.tls_client_ca is not None:
         read_pem(s.tls_client_ca, "certificate", "tls_client_ca")
     if s.api_token is not None and s.api_token_file is not None:

@@ -17,8 +17,8 @@ class TapConfigError(MisalignError):
     pass
 
 
-# What a request's extra_args may choose: only switch mitigation on (the default), on or off,
-# on, off or its own rules, nothing.
+# What a request's extra_args may choose. on: only switch mitigation on (the default, since
+# whoever calls the API sends them); switch: on or off; rules: on, off or its own rules; none.
 ClientChoice = Literal["on", "switch", "rules", "none"]
 # The strongest steer (residual-stream units along the feature's unit direction) allowed unless
 # the operator sets MISALIGN_TAP_MITIGATION_MAX_ALPHA: twice bench/steer.py's largest.
