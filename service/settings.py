@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -56,11 +56,33 @@ class Settings(BaseSettings):
     )
     grpc_host: str = "127.0.0.1"
     grpc_port: int | None = Field(default=50051, ge=0, le=65535, description="0: any free port")
-    unix_socket: Path | None = None
-    unix_socket_mode: int = Field(default=0o660, description="permissions of the Unix socket")
-    tls_cert: Path | None = None
+    unix_socket: Path | None = Field(
+        default=None, description="plaintext always: the socket's permissions guard it"
+    )
+    unix_socket_mode: int = Field(
+        default=0o660, description="permissions of the Unix socket, octal (0660) as a string"
+    )
+    # TLS on the TCP listener (service/auth.py says who may call what on which listener).
+    tls_cert: Path | None = Field(default=None, description="PEM certificate of the TCP listener")
     tls_key: Path | None = None
-    tls_client_ca: Path | None = Field(default=None, description="require client certificates")
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="require client certificates signed by this CA on TCP; Ingest over TCP "
+        "needs one (except on a plaintext loopback listener)",
+    )
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="a plaintext port on grpc_host serving only grpc.health.v1, for probes that "
+        "cannot speak TLS (the kubelet's); 0: any free port; unset: none",
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token client calls (Score, GetRequestScore, DescribeBundle) over "
+        "TCP must send as 'authorization: Bearer TOKEN'; unset: not asked",
+    )
+    api_token_file: Path | None = Field(default=None, description="a file holding api_token")
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     redis_url: SecretStr | None = Field(
@@ -128,6 +150,19 @@ class Settings(BaseSettings):
         default_factory=ReviewSettings, description="the review page (service/review)"
     )
 
+    @field_validator("unix_socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        # Permissions are octal: MISALIGN_UNIX_SOCKET_MODE=0660 (a string) is 0o660, not 660.
+        if isinstance(value, str):
+            try:
+                value = int(value.strip(), 8)
+            except ValueError:
+                raise ValueError(f"expected octal permissions like 0660, got {value!r}") from None
+        if isinstance(value, int) and not 0 <= value <= 0o777:
+            raise ValueError(f"expected permissions from 0000 to 0777, got {value:o} (octal)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.grpc_port is None and self.unix_socket is None:
@@ -138,9 +173,11 @@ class Settings(BaseSettings):
             raise ValueError("drift_min_requests must not exceed drift_window")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        from service.auth import check_auth_settings
         from service.redis_conn import check_redis_settings
 
         check_redis_settings(self)
+        check_auth_settings(self)
         for name, pattern in self.redact_patterns.items():
             try:
                 re.compile(pattern)
@@ -148,7 +185,7 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"redact_patterns.{name}: not a regular expression ({exc})"
                 ) from None
-        for name in ("bundle", "tls_cert", "tls_key", "tls_client_ca", "tokenizer"):
+        for name in ("bundle", "tokenizer"):
             p = getattr(self, name)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"{name}: file not found: {p}")
@@ -171,7 +208,7 @@ class Settings(BaseSettings):
 
     def redacted(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
-        for name in ("redis_url", "redis_password"):
+        for name in ("redis_url", "redis_password", "api_token"):
             if getattr(self, name) is not None:
                 out[name] = "**********"
         return out

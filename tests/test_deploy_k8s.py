@@ -44,6 +44,7 @@ CRDS = {
     "PrometheusRule": K8S / "schemas" / "prometheusrules-crd.json",
 }
 JOB = "misalign-sidecar"
+LABEL_NAME = "app.kubernetes.io/name"
 
 Doc = dict[str, Any]
 
@@ -219,7 +220,14 @@ def validate(doc: Doc) -> None:
 def test_python_kustomize_overlay_manifests_validate_against_k8s_schemas(overlay: str) -> None:
     docs = rendered(overlay)
     kinds = sorted(k for k, _ in docs)
-    for needed in ("Deployment", "Service", "ConfigMap", "ServiceMonitor", "PrometheusRule"):
+    for needed in (
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+    ):
         assert needed in kinds
     for doc in docs.values():
         validate(doc)
@@ -313,6 +321,10 @@ def test_validators_refuse_a_broken_manifest() -> None:
     dep["spec"]["template"]["spec"]["containers"][0]["envv"] = []
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(dep)
+    policy = copy.deepcopy(docs["NetworkPolicy", "vllm-misalign"])
+    policy["spec"]["ingres"] = policy["spec"].pop("ingress")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(policy)
     rule = copy.deepcopy(docs["PrometheusRule", "misalign-monitor"])
     rule["spec"]["groups"][1]["rules"][0]["for"] = "ten minutes"
     with pytest.raises(jsonschema.ValidationError, match="'ten minutes' does not match"):
@@ -400,11 +412,16 @@ def test_overlay_wiring(overlay: str, tmp_path: Path) -> None:
     assert sidecar_env <= {f"MISALIGN_{f.upper()}" for f in Settings.model_fields}
     assert sidecar["command"][-1].startswith("/etc/misalign/settings/")
 
-    # Probes ask for the service the sidecar reports health on, on its gRPC port.
+    # Probes ask for the service the sidecar reports health on, on its plaintext health port
+    # (the kubelet speaks no TLS).
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
-    assert ports == {"grpc": loaded.grpc_port, "metrics": loaded.metrics_port}
+    assert ports == {
+        "grpc": loaded.grpc_port,
+        "metrics": loaded.metrics_port,
+        "health": loaded.health_port,
+    }
     for probe in ("readinessProbe", "livenessProbe"):
-        assert sidecar[probe]["grpc"] == {"port": loaded.grpc_port, "service": SERVICE_NAME}
+        assert sidecar[probe]["grpc"] == {"port": loaded.health_port, "service": SERVICE_NAME}
 
     # The bundle ConfigMap is the shipped bundle, mounted where both containers read it.
     cm = docs["ConfigMap", "misalign-bundle"]
@@ -429,6 +446,39 @@ def test_overlay_wiring(overlay: str, tmp_path: Path) -> None:
     url_ref = next(e for e in sidecar["env"] if e["name"] == "MISALIGN_REDIS_URL")
     secret = url_ref["valueFrom"]["secretKeyRef"]["name"]
     assert (("Secret", secret) in docs) == (overlay == "cpu")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_admits_only_what_must_reach_the_pod(overlay: str) -> None:
+    """The policy selects the pod; the sidecar's ports are reached only by Prometheus (metrics)
+    and labelled score clients (gRPC); the health port needs no rule (the kubelet's probes come
+    from the node, which Kubernetes always admits) and gets none; vLLM's API stays open."""
+    docs = rendered(overlay)
+    policy = docs["NetworkPolicy", "vllm-misalign"]["spec"]
+    pod = docs["Deployment", "vllm-misalign"]["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    named = {p["name"]: c["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    admitted: dict[str, list[Doc]] = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in named, f"the policy names a port no container has: {port}"
+            admitted.setdefault(port["port"], []).extend(rule.get("from", [{"anyone": True}]))
+    assert set(admitted) == {"http", "metrics", "grpc"}  # not health, nothing unnamed
+    assert admitted["http"] == [{"anyone": True}]
+    assert admitted["metrics"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {LABEL_NAME: "prometheus"}}}
+    ]
+    assert admitted["grpc"] == [
+        {"podSelector": {"matchLabels": {"misalign.dev/score-client": "true"}}}
+    ]
+    # The tap needs no rule: it reaches the sidecar over the socket inside the pod.
+    vllm = _container(pod["spec"], "vllm")
+    assert next(e for e in vllm["env"] if e["name"] == "MISALIGN_TAP_SIDECAR")["value"].startswith(
+        "unix:"
+    )
+    # What the ServiceMonitor scrapes is the port the policy opens to Prometheus.
+    assert docs["ServiceMonitor", JOB]["spec"]["endpoints"][0]["port"] == "metrics"
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not() -> None:
