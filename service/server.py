@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -197,7 +196,7 @@ async def start(settings: Settings) -> Sidecar:
         embedded = EmbeddedRedis(settings.state_dir)
         url = embedded.start()
     auth = redis_conn.client_options(settings)
-    client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, **auth)
+    client = redis_conn.connect(url, auth, timeout_s=2)
     queue = FlagQueue(
         client,
         metrics,
@@ -300,7 +299,7 @@ async def start(settings: Settings) -> Sidecar:
         f" unix:{settings.unix_socket}" if settings.unix_socket else "",
         settings.metrics_host,
         metrics_port,
-        "embedded redis" if embedded else "redis",
+        "embedded redis" if embedded else redis_conn.redact_url(url),
     )
     return sidecar
 
