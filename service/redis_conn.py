@@ -16,7 +16,10 @@ URL forms (docs/redis.md):
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,10 +275,29 @@ class ClusterClient(RedisCluster):
 
 
 class SentinelPrimary(aioredis.Redis):
-    """The primary a Sentinel names; closing it closes the connections to the sentinels too."""
+    """The primary a Sentinel names; closing it closes the connections to the sentinels too.
+
+    redis-py asks the sentinels only when it opens a connection. After a planned ``SENTINEL
+    FAILOVER`` the old primary is not down: it keeps taking writes until the sentinel makes it a
+    replica (seconds later), and those writes are lost then. So commands re-ask at most every
+    ``recheck_s``; when the answer changed, redis-py drops the connections to the old primary.
+    """
+
+    recheck_s = 0.5
+    _checked_at = -math.inf
+
+    async def _recheck(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self.recheck_s:
+            return
+        self._checked_at = now
+        # The sentinels away: the command goes to the known primary and says what is wrong.
+        with contextlib.suppress(RedisError):
+            await self.connection_pool.get_master_address()  # type: ignore[attr-defined]
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         try:
+            await self._recheck()
             return await super().execute_command(*args, **options)
         except MasterNotFoundError as exc:
             # redis-py appends each sentinel client's whole repr; say which sentinels instead.
