@@ -69,6 +69,9 @@ _FLEET_QUERY: dict[str, type] = {
 _SENTINEL_QUERY: dict[str, type] = {"sentinel_password": str, "sentinel_username": str}
 
 
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._%-]+)(:\d{1,5})?")
+
+
 class RedisSettingsError(MisalignError):
     pass
 
@@ -84,6 +87,10 @@ def redact_url(url: str) -> str:
     # unencoded; a '@' further on (in a query value) costs the host, never a secret.
     rest = rest.rpartition("@")[2].partition("#")[0]
     hosts, qsep, query = rest.partition("?")
+    names, slash, path = hosts.partition("/")
+    if names and not all(_HOST.fullmatch(h) for h in names.split(",")):
+        # Not host[:port]: perhaps a password typed where the host goes ("redis://:pw").
+        hosts = "<unreadable host>" + slash + path
     shown = []
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key in _PLAIN_QUERY:
@@ -139,10 +146,17 @@ def parse_target(url: str) -> RedisTarget:
         try:
             redis_parse_url(url)
         except ValueError as exc:
-            raise _bad(url, str(exc)) from None
+            # urllib quotes what it took for the port, which may be part of a mistyped password.
+            raise _bad(url, re.sub(r" as '.*'", "", str(exc))) from None
         return RedisTarget(kind, tls)
-    parts = urlsplit(url)
-    userinfo, _, hosts = parts.netloc.rpartition("@")
+    # Read as redact_url reads it: the user info runs to the last '@', so a password holding an
+    # unencoded '/', '?' or '#' is never taken for a host or a path, nor shown in an error.
+    userinfo, _, rest = url.partition("://")[2].rpartition("@")
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+    except ValueError as exc:
+        raise _bad(url, str(exc)) from None
+    hosts = parts.netloc
     options: dict[str, Any] = {}
     if userinfo:
         user, _, password = userinfo.partition(":")

@@ -51,6 +51,8 @@ REVIEW = [sys.executable, "-m", "service.cli", "review"]
             f"?sentinel_username=admin&sentinel_password={SECRET}",
             "rediss+sentinel://s1:26379,s2/svc/2?sentinel_username=***&sentinel_password=***",
         ),
+        (f"redis://:{SECRET}", "redis://<unreadable host>"),  # the host forgotten
+        (f"redis://h:{SECRET}/0", "redis://<unreadable host>/0"),
         (SECRET, "<a redis URL without a scheme>"),
         (f"{SECRET}://h:1", "<a redis URL without a scheme>"),
     ],
@@ -79,6 +81,8 @@ def test_cluster_and_sentinel_urls_parse() -> None:
         ("redis+cluster://", "expected host:port[,host:port...]"),
         (f"redis+cluster://:{SECRET}@h:99999", "port of 'h:99999': expected 1-65535"),
         ("redis+cluster://h:1,:2", "expected host:port, got ':2'"),
+        (f"redis+cluster://:{SECRET}/x@h:1,:2", "expected host:port, got ':2'"),  # '/' unencoded
+        (f"redis://:{SECRET[:4]}:{SECRET[4:]}", "Port could not be cast"),  # no '@': host:port?
         ("redis+cluster://h:1/2", "a Redis Cluster has no database number"),
         (f"redis+sentinel://:{SECRET}@h:1", "expected /<service name>[/db]"),
         ("redis+sentinel://h:1/svc/x", "database 'x': expected a number"),
@@ -95,7 +99,8 @@ def test_cluster_and_sentinel_urls_parse() -> None:
 def test_malformed_url_is_named_without_its_secret(url: str, needle: str) -> None:
     with pytest.raises(RedisSettingsError) as err:
         parse_target(url)
-    assert needle in str(err.value) and SECRET not in str(err.value), err.value
+    assert needle in str(err.value), err.value
+    assert SECRET not in str(err.value) and SECRET[4:] not in str(err.value), err.value
     with pytest.raises(SettingsError) as err2:
         load_settings(redis_url=url)
     message = str(err2.value)
