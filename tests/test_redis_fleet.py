@@ -160,6 +160,15 @@ def test_sentinel_failover_under_traffic_loses_nothing_uncounted(tmp_path: Path)
         missing = set(load.flagged) - set(ids)
         assert len(missing) == m["misalign_queue_dropped_total"], (len(missing), m)
         assert failures >= 1, "the kill did not interrupt a write: nothing was tested"
+
+        async def review_queue() -> list[str]:  # the review store finds the new primary too
+            s = store(fleet.url)
+            try:
+                return [r.request_id for r in await s.queue()]
+            finally:
+                await s.close()
+
+        assert sorted(asyncio.run(review_queue())) == sorted(ids)
         report(
             "sentinel failover (primary SIGKILL)",
             flagged=len(load.flagged),
