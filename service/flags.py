@@ -26,14 +26,16 @@ import time
 from collections import deque
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from service.metrics import Metrics
+from service.redis_conn import RedisClient
+from service.redis_keys import dedup_key
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] stream, KEYS[2] dedup key, KEYS[3] dead-letter stream; ARGV[1] ttl, ARGV[2] maxlen,
+# KEYS[1] stream, KEYS[2] dedup key, KEYS[3] dead-letter stream (one hash slot:
+# service/redis_keys.py); ARGV[1] ttl, ARGV[2] maxlen,
 # ARGV[3] reviewers' group, ARGV[4] now, ARGV[5..] field/value pairs. Appends once per request
 # id, then trims the stream to maxlen. An entry trimmed before reviewers decided on it (never
 # read by their group, or read and still pending) is copied to the dead letters first: no sample
@@ -82,7 +84,7 @@ _BATCH_BYTES = 8 * 1024 * 1024
 class FlagQueue:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         metrics: Metrics,
         *,
         stream: str,
@@ -171,7 +173,7 @@ class FlagQueue:
         args: list[str | int | float] = [self.dedup_ttl_s, self.maxlen, self.group, time.time()]
         for key, value in fields.items():
             args += [key, value]
-        key = f"{self.stream}:seen:{fields['request_id']}"
+        key = dedup_key(self.stream, fields["request_id"])
         return [self.stream, key, self.dead_letter_stream], args
 
     async def _send(self) -> None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -244,7 +243,7 @@ async def start(settings: Settings) -> Sidecar:
         embedded = EmbeddedRedis(settings.state_dir)
         url = embedded.start()
     auth = redis_conn.client_options(settings)
-    client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, **auth)
+    client = redis_conn.connect(url, auth, timeout_s=2)
     queue = FlagQueue(
         client,
         metrics,
@@ -324,7 +323,7 @@ async def start(settings: Settings) -> Sidecar:
         f"; health on {settings.grpc_host}:{health_port}" if health_port is not None else "",
         settings.metrics_host,
         metrics_port,
-        "embedded redis" if embedded else "redis",
+        "embedded redis" if embedded else redis_conn.redact_url(url),
     )
     return sidecar
 

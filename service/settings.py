@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from detectors.bundle import default_bundle_path
 from detectors.errors import MisalignError
+from service import redis_keys
 from service.review.settings import ReviewSettings
 
 RedactionName = Literal["email", "phone", "api_key"]  # service/redaction.py BUILTIN
@@ -86,7 +87,10 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     redis_url: SecretStr | None = Field(
-        default=None, description="redis://, rediss:// or unix://; unset: start an embedded redis"
+        default=None,
+        description="redis://, rediss://, unix://, redis+cluster://host:port[,host:port], "
+        "redis+sentinel://host:port[,host:port]/service[/db] (rediss+ for TLS; docs/redis.md); "
+        "unset: start an embedded redis",
     )
     # Redis credentials and TLS (service/redis_conn.py): secrets from the environment
     # (MISALIGN_REDIS_PASSWORD) or from a file, never from a settings file checked into a repo.
@@ -110,8 +114,9 @@ class Settings(BaseSettings):
         default_factory=_state_dir,
         description="the embedded Redis' socket and files; default $XDG_STATE_HOME/misalign-monitor",
     )
-    stream: str = "misalign:flagged"
-    dead_letter_stream: str = "misalign:flagged:dead"
+    # One hash tag for every key a script touches together (service/redis_keys.py).
+    stream: str = redis_keys.FLAGGED_STREAM
+    dead_letter_stream: str = redis_keys.DEAD_LETTER_STREAM
     group: str = "reviewers"
     stream_maxlen: int = Field(default=100_000, gt=0)
     dedup_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)

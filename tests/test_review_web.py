@@ -30,7 +30,7 @@ from tests.sidecar import RedisServer
 HOSTILE = "Sure. <script>alert('x')</script> Lie to everyone & hide the evidence <b>bold</b>"
 SECRET_TEXT = "hide the evidence"
 PASSWORD = "correct horse battery"
-STREAM, GROUP, DEAD = "misalign:flagged", "reviewers", "misalign:flagged:dead"
+STREAM, GROUP, DEAD = "misalign:{flagged}", "reviewers", "misalign:{flagged}:dead"
 
 
 @dataclass
@@ -61,7 +61,7 @@ async def site(
         stream=STREAM,
         group=GROUP,
         dead_stream=DEAD,
-        labels_stream="misalign:labels",
+        labels_stream="misalign:{flagged}:labels",
         claim_idle_s=opts["claim_idle_s"],
         max_deliveries=opts["max_deliveries"],
     )
@@ -450,7 +450,7 @@ async def test_dead_letter_pages_show_a_sample_claimed_too_often(site: Site) -> 
         assert "Lie to everyone &amp; hide the evidence &lt;b&gt;bold&lt;/b&gt;" in text
 
         r = await http.get(f"{site.url}/dead-letters/1-1")
-        assert r.status == 409 and "no dead letter 1-1 in misalign:flagged:dead" in await r.text()
+        assert r.status == 409 and "no dead letter 1-1 in misalign:{flagged}:dead" in await r.text()
 
 
 TOKEN = re.compile(r'<span class="t h(\d+|x)( over)?( special)?" title="([^"]*)">([^<]*)</span>')

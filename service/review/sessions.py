@@ -16,9 +16,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from service.redis_conn import RedisClient
 from service.review.store import ReviewError
 
 PREFIX = "misalign:review:"
@@ -46,7 +46,7 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: float, where: str) -> None:
+    def __init__(self, client: RedisClient, ttl_s: float, where: str) -> None:
         self.client = client
         self.ttl_ms = int(ttl_s * 1000)
         self.where = where

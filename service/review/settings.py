@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 
 from detectors.errors import MisalignError
+from service.redis_keys import LABELS_STREAM
 
 # The consumer of the reviewers' group that holds samples no reviewer has claimed.
 HOLDER = "unassigned"
@@ -90,7 +91,7 @@ class ReviewSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8642, ge=0, le=65535, description="0: any free port")
     users: tuple[ReviewUser, ...] = ()
-    labels_stream: str = "misalign:labels"
+    labels_stream: str = LABELS_STREAM  # in the flagged stream's hash slot: decide writes both
     claim_idle_s: float = Field(
         default=900.0, gt=0, description="a claim idle this long returns to the queue"
     )

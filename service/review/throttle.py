@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 
+from service.redis_conn import RedisClient
 from service.review.sessions import redis_call, review_key
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Verdict:
 class LoginThrottle:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         where: str,
         *,
         per_user: int,
