@@ -29,7 +29,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from service.metrics import Metrics
-from service.redis_conn import RedisClient
+from service.redis_conn import ClusterClient, RedisClient
 from service.redis_keys import dedup_key
 
 log = logging.getLogger(__name__)
@@ -178,11 +178,20 @@ class FlagQueue:
 
     async def _send(self) -> None:
         """Send the batch in one pipeline; keep in it what Redis did not answer for."""
-        pipe = self.client.pipeline(transaction=False)
-        for fields in self._sending:
-            keys, args = self._call(fields)
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
-        results = await pipe.execute(raise_on_error=False)
+        calls = [self._call(fields) for fields in self._sending]
+        results: list[Any]
+        if isinstance(self.client, ClusterClient):
+            # redis-py refuses EVALSHA in a cluster pipeline: the calls go out together instead,
+            # over the connection to the one node that holds the {flagged} slot.
+            results = await asyncio.gather(
+                *(self.client.evalsha(self._sha, len(k), *k, *a) for k, a in calls),
+                return_exceptions=True,
+            )
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
         kept: list[dict[str, str]] = []
         errors: list[Exception] = []
         for fields, result in zip(self._sending, results, strict=True):

@@ -107,7 +107,7 @@ async def push_flagged(
     import time
 
     from detectors import bundle as bundle_io
-    from service import redis_conn
+    from service import redis_conn, redis_keys
     from service.flags import FlagQueue
     from service.metrics import Metrics
     from service.monitor import Monitor, load_tokenizer
@@ -117,9 +117,9 @@ async def push_flagged(
     queue = FlagQueue(
         redis_conn.connect(redis_url, timeout_s=2),
         Metrics(bundle),
-        stream="misalign:{flagged}",
+        stream=redis_keys.FLAGGED_STREAM,
         group="reviewers",
-        dead_letter_stream="misalign:{flagged}:dead",
+        dead_letter_stream=redis_keys.DEAD_LETTER_STREAM,
         maxlen=10_000,
         buffer_size=100,
         dedup_ttl_s=600,

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import redis_keys
 from service.review.settings import ReviewSettings, ReviewUser
 from service.review.store import ReviewStore
 from service.review.web import COOKIE, create_app
@@ -53,10 +54,10 @@ async def start_page(
     """One review page with a Redis client of its own, listening on a free loopback port."""
     store = ReviewStore.from_url(
         redis_url,
-        stream="misalign:flagged",
+        stream=redis_keys.FLAGGED_STREAM,
         group="reviewers",
-        dead_stream="misalign:flagged:dead",
-        labels_stream="misalign:labels",
+        dead_stream=redis_keys.DEAD_LETTER_STREAM,
+        labels_stream=redis_keys.LABELS_STREAM,
         claim_idle_s=settings.claim_idle_s,
         max_deliveries=settings.max_deliveries,
     )

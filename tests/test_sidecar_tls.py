@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from detectors import bundle as bundle_io
 from service.ingest import encode_step
+from service.redis_keys import FLAGGED_STREAM
 from service.rpc import monitor_pb2 as pb
 from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.server import SERVICE_NAME, Sidecar, start
@@ -202,14 +203,14 @@ async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_so
 
     try:
         publish(tap(f"localhost:{sc.tcp_port}", pki), "over-mtls")
-        await until(lambda: r.xlen("misalign:flagged") == 1, "the mTLS tap's flagged sample")
+        await until(lambda: r.xlen(FLAGGED_STREAM) == 1, "the mTLS tap's flagged sample")
         publish(tap(f"unix:{sc.settings.unix_socket}", None), "over-socket")
-        await until(lambda: r.xlen("misalign:flagged") == 2, "the socket tap's flagged sample")
+        await until(lambda: r.xlen(FLAGGED_STREAM) == 2, "the socket tap's flagged sample")
         # By address, the certificate's name given (it names localhost, not 127.0.0.1).
         via_ip = f"127.0.0.1:{sc.tcp_port}"
         publish(tap(via_ip, pki, tls_server_name="localhost"), "by-address")
-        await until(lambda: r.xlen("misalign:flagged") == 3, "the by-address tap's sample")
-        assert {e[1]["request_id"] for e in r.xrange("misalign:flagged")} == {
+        await until(lambda: r.xlen(FLAGGED_STREAM) == 3, "the by-address tap's sample")
+        assert {e[1]["request_id"] for e in r.xrange(FLAGGED_STREAM)} == {
             "over-mtls",
             "over-socket",
             "by-address",
@@ -221,7 +222,7 @@ async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_so
             lambda: stranger.steps_dropped["sidecar_unavailable"] == 2, "the stranger's drops"
         )
         assert not stranger.connected and sc.monitor.lookup("forged") is None
-        assert r.xlen("misalign:flagged") == 3
+        assert r.xlen(FLAGGED_STREAM) == 3
     finally:
         await sc.stop()
 
@@ -269,7 +270,7 @@ async def test_ingest_without_a_client_certificate_and_calls_without_the_token_a
             assert info.bundle_id == BUNDLE.bundle_id
         assert sc.monitor.lookup("forged") is None
         assert sc.metrics.registry.get_sample_value("misalign_steps_ingested_total") in (None, 0.0)
-        assert redis_server.client().xlen("misalign:flagged") == 0
+        assert redis_server.client().xlen(FLAGGED_STREAM) == 0
     finally:
         await sc.stop()
 
