@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import redis.asyncio as aioredis
@@ -23,13 +24,14 @@ from service.drift import DriftTracker
 from service.embedded_redis import EmbeddedRedis
 from service.flags import FlagQueue
 from service.ingest import BadInput, decode_rows
-from service.metrics import Metrics
+from service.metrics import LabelLimits, Metrics
 from service.monitor import Monitor, default_tokenizer_path, load_tokenizer
 from service.review.backlog import ReviewGauges, refresh_review_gauges
 from service.rpc import monitor_pb2 as pb
 from service.rpc import monitor_pb2_grpc as pb_grpc
-from service.settings import Settings
-from service.wire_guard import MalformedMessageInterceptor
+from service.sample_worker import SampleWorker
+from service.settings import Settings, SettingsError
+from service.wire_guard import MalformedMessageInterceptor, receive_limit
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Monitor"].full_name
@@ -73,6 +75,8 @@ class MonitorServicer(pb_grpc.MonitorServicer):
                 rows += len(msg.is_response)
         finally:
             self.monitor.flush()  # a stream that ends leaves nothing waiting
+            if self.monitor.samples is not None:  # its flagged samples in the queue, too
+                await self.monitor.samples.built()
         return pb.IngestSummary(steps=steps, rows=rows, finished=finished)
 
     async def Score(
@@ -160,6 +164,8 @@ class Sidecar:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s)
         self.monitor.flush()
+        if self.monitor.samples is not None:
+            await self.monitor.samples.drain()
         if self._expire_task:
             self._expire_task.cancel()
         if self._review_task:
@@ -190,7 +196,16 @@ def _credentials(s: Settings) -> grpc.ServerCredentials | None:
 
 async def start(settings: Settings) -> Sidecar:
     bundle = bundle_io.load(settings.bundle)
-    metrics = Metrics(bundle)
+    metrics = Metrics(
+        bundle,
+        limits=LabelLimits(
+            tuple(settings.label_models),
+            tuple(settings.label_model_versions),
+            settings.label_max_models,
+            settings.label_max_model_versions,
+            settings.label_max_chars,
+        ),
+    )
     embedded = None
     url = redis_conn.redis_url(settings)
     if url is None:
@@ -229,12 +244,14 @@ async def start(settings: Settings) -> Sidecar:
             window=settings.drift_window,
             min_requests=settings.drift_min_requests,
         ),
+        samples=SampleWorker(queue, metrics, settings.buffer_size),
+        sample_text_chars=settings.sample_text_chars,
     )
     opts = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", receive_limit(settings.max_message_bytes)),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    guard = MalformedMessageInterceptor(metrics, f"/{SERVICE_NAME}/")
+    guard = MalformedMessageInterceptor(metrics, f"/{SERVICE_NAME}/", settings.max_message_bytes)
     server = grpc.aio.server(options=opts, interceptors=[guard])
     pb_grpc.add_MonitorServicer_to_server(
         MonitorServicer(monitor, settings.score_delay_ms / 1e3), server
@@ -250,21 +267,18 @@ async def start(settings: Settings) -> Sidecar:
         server,
     )
     creds = _credentials(settings)
-    tcp_port = None
-    if settings.grpc_port is not None:
-        addr = f"{settings.grpc_host}:{settings.grpc_port}"
-        tcp_port = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
-    if settings.unix_socket is not None:
-        settings.unix_socket.parent.mkdir(parents=True, exist_ok=True)
-        settings.unix_socket.unlink(missing_ok=True)
-        addr = f"unix:{settings.unix_socket}"
-        server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
-    await server.start()
-    if settings.unix_socket is not None:
-        os.chmod(settings.unix_socket, settings.unix_socket_mode)
-    http_server, _thread = start_http_server(
-        settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
-    )
+    try:
+        tcp_port = _listen(server, settings, creds)
+        await server.start()
+        if settings.unix_socket is not None:
+            os.chmod(settings.unix_socket, settings.unix_socket_mode)
+        http_server = _serve_metrics(settings, metrics)
+    except SettingsError:  # a port taken or not ours: nothing of this start may stay behind
+        await server.stop(0)
+        await queue.close()
+        if embedded is not None:
+            embedded.stop()
+        raise
     metrics_port = http_server.server_port
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -303,6 +317,43 @@ async def start(settings: Settings) -> Sidecar:
         "embedded redis" if embedded else "redis",
     )
     return sidecar
+
+
+def _bind(
+    server: grpc.aio.Server, addr: str, creds: grpc.ServerCredentials | None, setting: str
+) -> int:
+    try:
+        return server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
+    except RuntimeError as exc:  # grpc's only word: "Failed to bind to address ..."
+        raise SettingsError(f"setting '{setting}': cannot listen on {addr} ({exc})") from None
+
+
+def _listen(
+    server: grpc.aio.Server, settings: Settings, creds: grpc.ServerCredentials | None
+) -> int | None:
+    """Bind the gRPC listeners; the TCP port bound (None without one)."""
+    tcp_port = None
+    if settings.grpc_port is not None:
+        addr = f"{settings.grpc_host}:{settings.grpc_port}"
+        tcp_port = _bind(server, addr, creds, "grpc_port")
+    if settings.unix_socket is not None:
+        settings.unix_socket.parent.mkdir(parents=True, exist_ok=True)
+        settings.unix_socket.unlink(missing_ok=True)
+        _bind(server, f"unix:{settings.unix_socket}", creds, "unix_socket")
+    return tcp_port
+
+
+def _serve_metrics(settings: Settings, metrics: Metrics) -> WSGIServer:
+    try:
+        http_server, _thread = start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        )
+    except OSError as exc:
+        raise SettingsError(
+            f"setting 'metrics_port': cannot listen on {settings.metrics_host}:"
+            f"{settings.metrics_port} ({exc.strerror or exc})"
+        ) from None
+    return http_server
 
 
 async def _expire_loop(monitor: Monitor, timeout_s: float) -> None:

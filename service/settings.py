@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from detectors.bundle import default_bundle_path
@@ -44,7 +44,13 @@ class Settings(BaseSettings):
     grpc_host: str = "127.0.0.1"
     grpc_port: int | None = Field(default=50051, ge=0, le=65535, description="0: any free port")
     unix_socket: Path | None = None
-    unix_socket_mode: int = Field(default=0o660, description="permissions of the Unix socket")
+    unix_socket_mode: int = Field(
+        default=0o660,
+        ge=0,
+        le=0o777,
+        description="permissions of the Unix socket, octal: '0660' or '0o660' (a string from "
+        "the environment is always read as octal)",
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(default=None, description="require client certificates")
@@ -89,7 +95,29 @@ class Settings(BaseSettings):
         description="token rows held at once, all requests together: the memory bound "
         "(each row costs 24 + 4 k bytes; 4M rows at k = 16 is 352 MB)",
     )
-    max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # gRPC takes it as a 32-bit int, and the sidecar lets messages of up to twice it reach its
+    # own check (to count them): 1 GiB at most.
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1 << 30)
+    # Metric labels a client chooses (service/metrics.py LabelValues): any other value is
+    # reported as "other" and counted in misalign_label_values_refused_total.
+    label_models: list[str] = Field(
+        default_factory=list, description="model label values kept; empty: the first seen"
+    )
+    label_model_versions: list[str] = Field(
+        default_factory=list, description="model_version values kept; empty: the first seen"
+    )
+    label_max_models: int = Field(default=8, ge=1, le=1000, description="without label_models")
+    label_max_model_versions: int = Field(
+        default=16, ge=1, le=1000, description="without label_model_versions"
+    )
+    label_max_chars: int = Field(default=64, ge=1, le=1024, description="longer: other")
+    sample_text_chars: int = Field(
+        default=32_768,
+        ge=1024,
+        le=10_000_000,
+        description="prompt or response text kept whole in a flagged sample; a longer one keeps "
+        "its first and last halves of this, with a line saying how much was cut",
+    )
     recent_scores: int = Field(default=10_000, gt=0, description="finished scores kept for lookup")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     score_delay_ms: float = Field(
@@ -105,6 +133,20 @@ class Settings(BaseSettings):
     review: ReviewSettings = Field(
         default_factory=ReviewSettings, description="the review page (service/review)"
     )
+
+    @field_validator("unix_socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        # MISALIGN_UNIX_SOCKET_MODE=0660 is a string: as a decimal int it would be 0o1224.
+        expected = "expected an octal mode such as '0660' or '0o660'"
+        if isinstance(value, str):
+            text = value.strip().lower().removeprefix("0o")
+            if not text or any(c not in "01234567" for c in text):
+                raise ValueError(f"{expected}, got {value!r}")
+            value = int(text, 8)
+        if isinstance(value, int) and not 0 <= value <= 0o777:
+            raise ValueError(f"{expected} (at most 0o777), got {value} ({value:#o})")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -130,6 +172,14 @@ class Settings(BaseSettings):
             p = getattr(self, name)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"{name}: file not found: {p}")
+        _check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        for name in ("label_models", "label_model_versions"):
+            long = [v for v in getattr(self, name) if len(v) > self.label_max_chars]
+            if long:
+                raise ValueError(
+                    f"{name}: {long[0][:80]!r} is longer than label_max_chars "
+                    f"({self.label_max_chars})"
+                )
         return self
 
     @classmethod
@@ -150,6 +200,30 @@ class Settings(BaseSettings):
             if getattr(self, name) is not None:
                 out[name] = "**********"
         return out
+
+
+def _check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
+    """Load them as the server will, so that a wrong file is named here, not by a traceback at
+    start."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if cert is not None and key is not None:
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"tls_cert, tls_key: {cert} and {key} are not a PEM certificate and its "
+                f"private key ({getattr(exc, 'reason', None) or exc})"
+            ) from None
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"tls_client_ca: {client_ca} is not a PEM CA certificate "
+                f"({getattr(exc, 'reason', None) or exc})"
+            ) from None
 
 
 def read_file(path: Path) -> dict[str, Any]:
