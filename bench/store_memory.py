@@ -2,16 +2,18 @@
 
     python bench/store_memory.py [--k 3] [--max-rows 4000000] [--max-requests 100000]
 
-Fills a ``RequestStore`` with the sidecar's default bounds the two ways that cost the most: many
-requests of a few rows each (every request holds a partly filled page) and few requests of many
-rows. Prints, per way, the numpy memory held once full and the peak while filling (the pool
-grows by copying), against the bound the settings document (``RequestStore.memory_bound``).
+Fills a ``RequestStore`` with the sidecar's default bounds the ways that cost the most: many
+requests of a few rows each (every request holds a partly filled page), one row each, and few
+requests of many rows. Prints, per way, the memory tracemalloc saw held once full and at its peak
+while filling, against the pool's bound (``RequestStore.memory_bound``), and, from a process of
+its own without tracemalloc, how much the peak resident set grew.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
@@ -50,15 +52,37 @@ def measure(k: int, max_rows: int, max_requests: int, rows_each: int, per_step: 
     )
 
 
+def peak_rss_kb() -> int:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, from the parent's peak
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_growth(k: int, max_rows: int, max_requests: int, rows_each: int, per_step: int) -> None:
+    """Run in a process of its own: the peak RSS before and after filling."""
+    before = peak_rss_kb()
+    fill(k, max_rows, max_requests, rows_each, per_step)
+    print(f"{'':>7} peak RSS grew {(peak_rss_kb() - before) / 1e3:6.1f} MB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--max-rows", type=int, default=4_000_000)
     ap.add_argument("--max-requests", type=int, default=100_000)
+    ap.add_argument("--rss-only", type=int, help=argparse.SUPPRESS)  # the child: one way
     a = ap.parse_args()
-    measure(a.k, a.max_rows, a.max_requests, a.max_rows // a.max_requests, 2_000)
-    measure(a.k, a.max_rows, a.max_requests, 1, 2_000)
-    measure(a.k, a.max_rows, a.max_requests, 32_768, 4)
+    ways = [(a.max_rows // a.max_requests, 2_000), (1, 2_000), (32_768, 4)]
+    if a.rss_only is not None:
+        rss_growth(a.k, a.max_rows, a.max_requests, *ways[a.rss_only])
+        return
+    for i, way in enumerate(ways):
+        measure(a.k, a.max_rows, a.max_requests, *way)
+        child = [sys.executable, __file__, "--rss-only", str(i), "--k", str(a.k)]
+        child += ["--max-rows", str(a.max_rows), "--max-requests", str(a.max_requests)]
+        subprocess.run(child, check=True)
 
 
 if __name__ == "__main__":

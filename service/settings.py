@@ -92,8 +92,9 @@ class Settings(BaseSettings):
     max_rows: int = Field(
         default=4_000_000,
         gt=0,
-        description="token rows held at once, all requests together: the memory bound "
-        "(each row costs 24 + 4 k bytes; 4M rows at k = 16 is 352 MB)",
+        description="token rows held at once, all requests together: the memory bound. The "
+        "pool holds at most max_rows / 16 + max_requests pages of 16 rows of 24 + 4 k bytes "
+        "(a request's last page is partly filled): 207 MB at the defaults and k = 3",
     )
     # gRPC takes it as a 32-bit int, and the sidecar lets messages of up to twice it reach its
     # own check (to count them): 1 GiB at most.
