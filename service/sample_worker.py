@@ -14,6 +14,7 @@ counted in ``misalign_queue_dropped_total``, as the flag queue drops its oldest 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections import deque
@@ -67,7 +68,9 @@ class SampleWorker:
             sample: dict[str, Any] | None = None
             failed: Exception | None = None
             try:
-                sample = build()
+                # encoded here as FlagQueue.put would (it leaves strings as they are): a long
+                # request's token lists cost milliseconds to encode, off the loop too
+                sample = {k: v if isinstance(v, str) else json.dumps(v) for k, v in build().items()}
             except Exception as exc:
                 failed = exc
             try:
