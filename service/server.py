@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -328,12 +329,33 @@ def _bind(
         raise SettingsError(f"setting '{setting}': cannot listen on {addr} ({exc})") from None
 
 
+def _check_free(host: str, port: int) -> None:
+    """Bind the address once without SO_REUSEPORT, which grpc sets: with it, a port another
+    process holds the same way is shared without a word (two sidecars splitting one port's
+    traffic), and a port taken otherwise fails in grpc's C core with a log line of its own."""
+    try:
+        addrs = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SettingsError(f"setting 'grpc_host': cannot resolve {host!r} ({exc})") from None
+    for family, kind, proto, _, addr in addrs:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                raise SettingsError(
+                    f"setting 'grpc_port': cannot listen on {host}:{port} ({exc.strerror or exc})"
+                ) from None
+
+
 def _listen(
     server: grpc.aio.Server, settings: Settings, creds: grpc.ServerCredentials | None
 ) -> int | None:
     """Bind the gRPC listeners; the TCP port bound (None without one)."""
     tcp_port = None
     if settings.grpc_port is not None:
+        if settings.grpc_port:
+            _check_free(settings.grpc_host, settings.grpc_port)
         addr = f"{settings.grpc_host}:{settings.grpc_port}"
         tcp_port = _bind(server, addr, creds, "grpc_port")
     if settings.unix_socket is not None:
