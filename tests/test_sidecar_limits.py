@@ -66,12 +66,13 @@ def test_every_builtin_pattern_gets_through_400k_hostile_characters() -> None:
     for unit in HOSTILE:
         text = (unit * n)[:n]
         t0 = time.perf_counter()
-        out = redactor.text(text)
+        redactor.text(text)
         took = time.perf_counter() - t0
         assert took < 20, (unit, took)
-        assert len(out) <= n or "[redacted:" in out
+    # and what the runs hide is still found
     hidden = "x" * 40_000 + " mail jane.roe@example.org now " + "-" * 40_000
-    assert "jane.roe" not in redactor.text(hidden) and "[redacted:email]" in redactor.text(hidden)
+    out = redactor.text(hidden)
+    assert "jane.roe" not in out and "[redacted:email]" in out
 
 
 def char_tokenizer(path: Path) -> dict[str, int]:
