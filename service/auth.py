@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from service.metrics import Metrics
-from service.tls_files import read_pem
+from service.tls_files import check_server_pair, read_pem
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -55,6 +55,8 @@ def check_auth_settings(s: Settings) -> None:
         read_pem(s.tls_cert, "certificate", "tls_cert")
     if s.tls_key is not None:
         read_pem(s.tls_key, "private key", "tls_key")
+    if s.tls_cert is not None and s.tls_key is not None:
+        check_server_pair(s.tls_cert, s.tls_key)
     if s.tls_client_ca is not None:
         read_pem(s.tls_client_ca, "certificate", "tls_client_ca")
     if s.api_token is not None and s.api_token_file is not None:

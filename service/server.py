@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,13 +26,14 @@ from service.drift import DriftTracker
 from service.embedded_redis import EmbeddedRedis
 from service.flags import FlagQueue
 from service.ingest import BadInput, decode_rows
-from service.metrics import Metrics
+from service.metrics import LabelLimits, Metrics
 from service.monitor import Monitor, default_tokenizer_path, load_tokenizer
 from service.review.backlog import ReviewGauges, refresh_review_gauges
 from service.rpc import monitor_pb2 as pb
 from service.rpc import monitor_pb2_grpc as pb_grpc
+from service.sample_worker import SampleWorker
 from service.settings import Settings, SettingsError
-from service.wire_guard import MalformedMessageInterceptor
+from service.wire_guard import MalformedMessageInterceptor, receive_limit
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Monitor"].full_name
@@ -75,6 +77,8 @@ class MonitorServicer(pb_grpc.MonitorServicer):
                 rows += len(msg.is_response)
         finally:
             self.monitor.flush()  # a stream that ends leaves nothing waiting
+            if self.monitor.samples is not None:  # its flagged samples in the queue, too
+                await self.monitor.samples.built()
         return pb.IngestSummary(steps=steps, rows=rows, finished=finished)
 
     async def Score(
@@ -166,6 +170,8 @@ class Sidecar:
         if self.health_server is not None:
             await self.health_server.stop(0)
         self.monitor.flush()
+        if self.monitor.samples is not None:
+            await self.monitor.samples.drain()
         if self._expire_task:
             self._expire_task.cancel()
         if self._review_task:
@@ -193,15 +199,24 @@ def _listen(server: grpc.aio.Server, addr: str, setting: str, creds: Any = None)
 
 async def start(settings: Settings) -> Sidecar:
     bundle = bundle_io.load(settings.bundle)
-    metrics = Metrics(bundle)
+    metrics = Metrics(
+        bundle,
+        limits=LabelLimits(
+            tuple(settings.label_models),
+            tuple(settings.label_model_versions),
+            settings.label_max_models,
+            settings.label_max_model_versions,
+            settings.label_max_chars,
+        ),
+    )
     # Listeners first: a port taken is refused before a process (embedded Redis) is started.
     opts = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", receive_limit(settings.max_message_bytes)),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     prefix = f"/{SERVICE_NAME}/"
     access = AuthInterceptor(AccessPolicy.from_settings(settings), metrics, prefix)
-    guard = MalformedMessageInterceptor(metrics, prefix)
+    guard = MalformedMessageInterceptor(metrics, prefix, settings.max_message_bytes)
     # The first interceptor runs first: a refused caller's bytes are never decoded.
     server = grpc.aio.server(options=opts, interceptors=[access, guard])
     health_servicer = health.aio.HealthServicer()
@@ -216,6 +231,8 @@ async def start(settings: Settings) -> Sidecar:
     )
     tcp_port = None
     if settings.grpc_port is not None:
+        if settings.grpc_port:
+            _check_free(settings.grpc_host, settings.grpc_port, "grpc_port")
         addr = f"{settings.grpc_host}:{settings.grpc_port}"
         tcp_port = _listen(server, addr, "grpc_port", server_credentials(settings))
     if settings.unix_socket is not None:
@@ -226,6 +243,8 @@ async def start(settings: Settings) -> Sidecar:
     health_server = health_port = None
     if settings.health_port is not None:
         # A server of its own holding only the health service: probes get no other method.
+        if settings.health_port:
+            _check_free(settings.grpc_host, settings.health_port, "health_port")
         health_server = grpc.aio.server(options=opts)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         addr = f"{settings.grpc_host}:{settings.health_port}"
@@ -276,6 +295,8 @@ async def start(settings: Settings) -> Sidecar:
             window=settings.drift_window,
             min_requests=settings.drift_min_requests,
         ),
+        samples=SampleWorker(queue, metrics, settings.buffer_size),
+        sample_text_chars=settings.sample_text_chars,
     )
     pb_grpc.add_MonitorServicer_to_server(
         MonitorServicer(monitor, settings.score_delay_ms / 1e3), server
@@ -326,6 +347,25 @@ async def start(settings: Settings) -> Sidecar:
         "embedded redis" if embedded else redis_conn.redact_url(url),
     )
     return sidecar
+
+
+def _check_free(host: str, port: int, setting: str) -> None:
+    """Bind the address once without SO_REUSEPORT, which grpc sets: with it, a port another
+    process holds the same way is shared without a word (two sidecars splitting one port's
+    traffic), and a port taken otherwise fails in grpc's C core with a log line of its own."""
+    try:
+        addrs = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SettingsError(f"setting 'grpc_host': cannot resolve {host!r} ({exc})") from None
+    for family, kind, proto, _, addr in addrs:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                raise SettingsError(
+                    f"setting '{setting}': cannot listen on {host}:{port} ({exc.strerror or exc})"
+                ) from None
 
 
 async def _expire_loop(monitor: Monitor, timeout_s: float) -> None:

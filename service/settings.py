@@ -61,7 +61,11 @@ class Settings(BaseSettings):
         default=None, description="plaintext always: the socket's permissions guard it"
     )
     unix_socket_mode: int = Field(
-        default=0o660, description="permissions of the Unix socket, octal (0660) as a string"
+        default=0o660,
+        ge=0,
+        le=0o777,
+        description="permissions of the Unix socket, octal: '0660' or '0o660' (a string from "
+        "the environment is always read as octal)",
     )
     # TLS on the TCP listener (service/auth.py says who may call what on which listener).
     tls_cert: Path | None = Field(default=None, description="PEM certificate of the TCP listener")
@@ -135,10 +139,33 @@ class Settings(BaseSettings):
     max_rows: int = Field(
         default=4_000_000,
         gt=0,
-        description="token rows held at once, all requests together: the memory bound "
-        "(each row costs 24 + 4 k bytes; 4M rows at k = 16 is 352 MB)",
+        description="token rows held at once, all requests together: the memory bound. The "
+        "pool holds at most max_rows / 16 + max_requests pages of 16 rows of 24 + 4 k bytes "
+        "(a request's last page is partly filled): 207 MB at the defaults and k = 3",
     )
-    max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # gRPC takes it as a 32-bit int, and the sidecar lets messages of up to twice it reach its
+    # own check (to count them): 1 GiB at most.
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1 << 30)
+    # Metric labels a client chooses (service/metrics.py LabelValues): any other value is
+    # reported as "other" and counted in misalign_label_values_refused_total.
+    label_models: list[str] = Field(
+        default_factory=list, description="model label values kept; empty: the first seen"
+    )
+    label_model_versions: list[str] = Field(
+        default_factory=list, description="model_version values kept; empty: the first seen"
+    )
+    label_max_models: int = Field(default=8, ge=1, le=1000, description="without label_models")
+    label_max_model_versions: int = Field(
+        default=16, ge=1, le=1000, description="without label_model_versions"
+    )
+    label_max_chars: int = Field(default=64, ge=1, le=1024, description="longer: other")
+    sample_text_chars: int = Field(
+        default=32_768,
+        ge=1024,
+        le=10_000_000,
+        description="prompt or response text kept whole in a flagged sample; a longer one keeps "
+        "its first and last halves of this, with a line saying how much was cut",
+    )
     recent_scores: int = Field(default=10_000, gt=0, description="finished scores kept for lookup")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     score_delay_ms: float = Field(
@@ -158,14 +185,15 @@ class Settings(BaseSettings):
     @field_validator("unix_socket_mode", mode="before")
     @classmethod
     def _octal(cls, value: Any) -> Any:
-        # Permissions are octal: MISALIGN_UNIX_SOCKET_MODE=0660 (a string) is 0o660, not 660.
+        # MISALIGN_UNIX_SOCKET_MODE=0660 is a string: as a decimal int it would be 0o1224.
+        expected = "expected an octal mode such as '0660' or '0o660'"
         if isinstance(value, str):
-            try:
-                value = int(value.strip(), 8)
-            except ValueError:
-                raise ValueError(f"expected octal permissions like 0660, got {value!r}") from None
+            text = value.strip().lower().removeprefix("0o")
+            if not text or any(c not in "01234567" for c in text):
+                raise ValueError(f"{expected}, got {value!r}")
+            value = int(text, 8)
         if isinstance(value, int) and not 0 <= value <= 0o777:
-            raise ValueError(f"expected permissions from 0000 to 0777, got {value:o} (octal)")
+            raise ValueError(f"{expected} (at most 0o777), got {value} ({value:#o})")
         return value
 
     @model_validator(mode="after")
@@ -194,6 +222,13 @@ class Settings(BaseSettings):
             p = getattr(self, name)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"{name}: file not found: {p}")
+        for name in ("label_models", "label_model_versions"):
+            long = [v for v in getattr(self, name) if len(v) > self.label_max_chars]
+            if long:
+                raise ValueError(
+                    f"{name}: {long[0][:80]!r} is longer than label_max_chars "
+                    f"({self.label_max_chars})"
+                )
         return self
 
     @classmethod

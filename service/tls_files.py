@@ -32,3 +32,17 @@ def read_pem(path: Path, what: Literal["certificate", "private key"], setting: s
             f"{'CERTIFICATE' if what == 'certificate' else 'PRIVATE KEY'}-----' block)"
         )
     return data
+
+
+def check_server_pair(cert: Path, key: Path) -> None:
+    """Load the pair as the server will, so a key that does not belong to the certificate is
+    named here rather than by a traceback from grpc at start."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(
+            f"tls_cert, tls_key: {cert} and {key} are not a certificate and its private key "
+            f"({getattr(exc, 'reason', None) or exc})"
+        ) from None

@@ -59,6 +59,10 @@ def mistakes(pki: dict[str, Path], tmp: Path) -> list[tuple[str, str]]:
             f"tls_cert: {pki['server.pem']}\ntls_key: {pki['server.pem']}\n",
             "tls_key: " + str(pki["server.pem"]) + " holds no PEM private key",
         ),
+        (
+            f"tls_cert: {pki['server.pem']}\ntls_key: {pki['client.key']}\n",
+            "are not a certificate and its private key",
+        ),
         (f"tls_key: {pki['server.key']}\n", "tls_cert and tls_key go together"),
         (
             f"tls_cert: {pki['server.pem']}\ntls_key: {pki['server.key']}\n"
