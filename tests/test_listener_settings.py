@@ -73,8 +73,8 @@ def mistakes(pki: dict[str, Path], tmp: Path) -> list[tuple[str, str]]:
         ("api_token: short\n", "at least 16 characters"),
         (f"api_token_file: {tmp / 'no-token'}\n", "api_token_file: cannot read"),
         ("health_port: 9999\nmetrics_port: 9999\n", "health_port 9999 is also metrics_port"),
-        ("unix_socket_mode: '0999'\n", "expected octal permissions like 0660"),
-        ("unix_socket_mode: 4095\n", "expected permissions from 0000 to 0777"),
+        ("unix_socket_mode: '0999'\n", "expected an octal mode such as '0660'"),
+        ("unix_socket_mode: 4095\n", "(at most 0o777), got 4095 (0o7777)"),
     ]
 
 

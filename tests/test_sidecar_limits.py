@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.ingest import MAX_PROJECTION, RequestStore, Rows, encode_step
 from service.redaction import BUILTIN, Email, Redactor
+from service.redis_keys import FLAGGED_STREAM
 from service.rpc import monitor_pb2 as pb
 from service.sidecar_process import start_sidecar
 from tests.sidecar import RedisServer, request_rows
@@ -137,7 +138,7 @@ async def test_an_80kb_hostile_prompt_is_redacted_while_health_stays_answered(
         ch, s = stub(sc)
         await send(s, [step, encode_step(BUNDLE.bundle_id, K, [], finished=[fin])])
         r = redis_server.client()
-        await wait_for(lambda: r.xlen("misalign:flagged") == 1, timeout=60)
+        await wait_for(lambda: r.xlen(FLAGGED_STREAM) == 1, timeout=60)
         answered_while = len(probe.latencies)
         await wait_for(lambda: len(probe.latencies) >= answered_while + 3)
         probe.halt.set()
@@ -146,7 +147,7 @@ async def test_an_80kb_hostile_prompt_is_redacted_while_health_stays_answered(
         assert not probe.errors, probe.errors
         assert max(probe.latencies) < 0.5, max(probe.latencies)
 
-        fields = r.xrange("misalign:flagged")[0][1]
+        fields = r.xrange(FLAGGED_STREAM)[0][1]
         text = fields["prompt_text"]
         # redacted over the whole text, then clipped to its head and tail (32,768 characters)
         assert "jane.roe" not in text and "jane.roe" not in fields["token_text"]
