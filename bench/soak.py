@@ -162,7 +162,7 @@ def _soak(
         import redis as redis_py
 
         client = redis_py.Redis(unix_socket_path=str(redis.socket))
-        in_stream = int(client.xlen("misalign:flagged"))
+        in_stream = int(client.xlen("misalign:{flagged}"))
         client.close()
     return samples, verdict(samples, args, totals, in_stream, len(problems))
 

@@ -183,6 +183,7 @@ def main() -> int:
             MISALIGN_TAP_MODEL_VERSION="steer-bench",
             MISALIGN_TAP_MITIGATION=rules["ablate"],
             MISALIGN_TAP_MITIGATION_DEFAULT="off",
+            MISALIGN_TAP_MITIGATION_CLIENTS="rules",  # each request picks its own rules
         )
         p = subprocess.run(
             [sys.executable, __file__, "--engine", str(work / "job.json")],

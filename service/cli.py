@@ -99,6 +99,16 @@ def config_check(file: Path) -> None:
     click.echo(json.dumps(load_settings(file).redacted(), indent=2))
 
 
+@config.command("tap")
+def config_tap() -> None:
+    """Validate the MISALIGN_TAP_* environment as the vLLM plugin reads it, and print it."""
+    import json
+
+    from tap.settings import read_settings
+
+    click.echo(json.dumps(read_settings().model_dump(mode="json"), indent=2))
+
+
 for command in (model_group, extract, calibrate, score, evaluate):
     cli.add_command(command)
 cli.add_command(gate)

@@ -22,6 +22,7 @@ from detectors import bundle as bundle_io
 from detectors.demo import DEMO_CONVERSATIONS
 from detectors.errors import MisalignError
 from service import vllm_server
+from service.redis_keys import FLAGGED_STREAM
 from service.sidecar_process import start_sidecar
 
 
@@ -137,7 +138,7 @@ def _send_and_report(
     backlog = _review_backlog(work / "state" / "redis" / "redis.sock", flagged)
     click.echo(
         f"\n{flagged} of {len(jobs)} requests flagged; {backlog} samples wait in the "
-        f"review stream misalign:flagged"
+        f"review stream {FLAGGED_STREAM}"
     )
 
 
@@ -148,10 +149,10 @@ def _review_backlog(sock: Path, expect: int) -> int:
     client = redis.Redis(unix_socket_path=str(sock))
     deadline = time.monotonic() + 5
     try:
-        n = int(client.xlen("misalign:flagged"))
+        n = int(client.xlen(FLAGGED_STREAM))
         while n < expect and time.monotonic() < deadline:
             time.sleep(0.1)
-            n = int(client.xlen("misalign:flagged"))
+            n = int(client.xlen(FLAGGED_STREAM))
         return n
     except redis.RedisError:
         return 0

@@ -26,14 +26,16 @@ import time
 from collections import deque
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from service.metrics import Metrics
+from service.redis_conn import ClusterClient, RedisClient
+from service.redis_keys import dedup_key
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] stream, KEYS[2] dedup key, KEYS[3] dead-letter stream; ARGV[1] ttl, ARGV[2] maxlen,
+# KEYS[1] stream, KEYS[2] dedup key, KEYS[3] dead-letter stream (one hash slot:
+# service/redis_keys.py); ARGV[1] ttl, ARGV[2] maxlen,
 # ARGV[3] reviewers' group, ARGV[4] now, ARGV[5..] field/value pairs. Appends once per request
 # id, then trims the stream to maxlen. An entry trimmed before reviewers decided on it (never
 # read by their group, or read and still pending) is copied to the dead letters first: no sample
@@ -82,7 +84,7 @@ _BATCH_BYTES = 8 * 1024 * 1024
 class FlagQueue:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         metrics: Metrics,
         *,
         stream: str,
@@ -171,16 +173,25 @@ class FlagQueue:
         args: list[str | int | float] = [self.dedup_ttl_s, self.maxlen, self.group, time.time()]
         for key, value in fields.items():
             args += [key, value]
-        key = f"{self.stream}:seen:{fields['request_id']}"
+        key = dedup_key(self.stream, fields["request_id"])
         return [self.stream, key, self.dead_letter_stream], args
 
     async def _send(self) -> None:
         """Send the batch in one pipeline; keep in it what Redis did not answer for."""
-        pipe = self.client.pipeline(transaction=False)
-        for fields in self._sending:
-            keys, args = self._call(fields)
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
-        results = await pipe.execute(raise_on_error=False)
+        calls = [self._call(fields) for fields in self._sending]
+        results: list[Any]
+        if isinstance(self.client, ClusterClient):
+            # redis-py refuses EVALSHA in a cluster pipeline: the calls go out together instead,
+            # over the connection to the one node that holds the {flagged} slot.
+            results = await asyncio.gather(
+                *(self.client.evalsha(self._sha, len(k), *k, *a) for k, a in calls),
+                return_exceptions=True,
+            )
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
         kept: list[dict[str, str]] = []
         errors: list[Exception] = []
         for fields, result in zip(self._sending, results, strict=True):

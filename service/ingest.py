@@ -13,6 +13,12 @@ import numpy as np
 
 from service.rpc import monitor_pb2 as pb
 
+# The largest projection accepted. A projection is the residual stream's component along a unit
+# direction, so no larger than the residual's norm, which in a working model stays orders of
+# magnitude below this (fp16 holds nothing above 65,504). Beyond it is a broken or hostile
+# sender: 3e38 is finite, and overflows every sum taken of it.
+MAX_PROJECTION = 1e6
+
 
 class BadInput(Exception):
     """A message that cannot be used; ``reason`` is the metric label, the text names the field."""
@@ -77,10 +83,17 @@ def decode_rows(
     if n and roles.view(np.uint8).max() > 1:
         raise BadInput("bad_role", "is_response bytes must be 0 (prompt) or 1 (response)")
     proj = np.frombuffer(projections, dtype="<f4").reshape(n, k)
-    # one pass, no temporary: a float64 sum of float32 values overflows only on inf or NaN
-    if not np.isfinite(proj.sum(dtype=np.float64)):
-        bad = int(np.argwhere(~np.isfinite(proj))[0][0])
-        raise BadInput("non_finite", f"projections row {bad} holds NaN or infinite values")
+    # two passes, no temporary; NaN makes both comparisons false
+    if n and not (proj.min() >= -MAX_PROJECTION and proj.max() <= MAX_PROJECTION):
+        if not np.isfinite(proj).all():
+            bad = int(np.argwhere(~np.isfinite(proj))[0][0])
+            raise BadInput("non_finite", f"projections row {bad} holds NaN or infinite values")
+        bad = int(np.argwhere(np.abs(proj) > MAX_PROJECTION)[0][0])
+        raise BadInput(
+            "out_of_range",
+            f"projections row {bad} holds a value beyond +-{MAX_PROJECTION:g}, "
+            "which no activation reaches",
+        )
     ids = request_ids if request_ids is not None else [""]
     off = np.asarray(offsets if offsets is not None else [0, n], dtype=np.int64)
     if len(off) != len(ids) + 1:
@@ -172,11 +185,23 @@ class RequestStore:
         return len(self._slot)
 
     @property
+    def max_pages(self) -> int:
+        """Pages the pool needs at most: ``max_rows`` rows in whole pages, and one partly filled
+        page more per request (a request of 17 rows holds two pages of 16)."""
+        return -(-self.max_rows // self.page) + self.max_requests
+
+    @property
+    def memory_bound(self) -> int:
+        """Bytes of the pool at ``max_pages``: each page ``page_rows`` rows of 24 + 4 k bytes
+        (position, token id, role as int64, k float32 projections), and 16 bytes of chaining."""
+        return self.max_pages * (self.page * (24 + 4 * self.k) + 16)
+
+    @property
     def pool_rows(self) -> int:
         """Rows the pool holds room for (grows to the peak of live rows, in whole pages)."""
         return len(self._meta)
 
-    def _new_slot(self, rid: str) -> int:
+    def _new_slot(self, rid: str, now: float) -> int:
         if not self._free_slots:
             n = len(self._ids)
             grow = max(n, 64)
@@ -189,21 +214,25 @@ class RequestStore:
         slot = self._free_slots.pop()
         self._ids[slot] = rid
         self._slot[rid] = slot
+        self._seen[slot] = now
         return slot
 
     def _take_pages(self, n: int) -> np.ndarray:
         if n > self._nfree:
             have = len(self._next)
-            grow = max(have, n - self._nfree, 64)
-            self._next = np.r_[self._next, np.full(grow, -1, np.int64)]
-            self._meta = np.concatenate([self._meta, np.empty((grow * self.page, 3), np.int64)])
-            self._proj = np.concatenate(
-                [self._proj, np.empty((grow * self.page, self.k), np.float32)]
-            )
-            free = np.empty(len(self._free) + grow, np.int64)
-            free[: self._nfree] = self._free[: self._nfree]
-            free[self._nfree : self._nfree + grow] = np.arange(have + grow - 1, have - 1, -1)
-            self._free, self._nfree = free, self._nfree + grow
+            # Doubling, but not past what max_rows and max_requests can fill (finished requests
+            # waiting to be scored may still take a few pages more).
+            grow = max(n - self._nfree, min(max(have, 64), self.max_pages - have))
+            rows = (have + grow) * self.page
+            # In place (realloc: a large block grows by remapping its pages, not by copying
+            # them into a second one): nothing else holds a view of the pool.
+            self._next.resize(have + grow, refcheck=False)
+            self._next[have:] = -1
+            self._meta.resize((rows, 3), refcheck=False)
+            self._proj.resize((rows, self.k), refcheck=False)
+            self._free.resize(have + grow, refcheck=False)
+            self._free[self._nfree : self._nfree + grow] = np.arange(have + grow - 1, have - 1, -1)
+            self._nfree += grow
         self._nfree -= n
         return self._free[self._nfree : self._nfree + n].copy()
 
@@ -237,6 +266,7 @@ class RequestStore:
         ids = rows.request_ids
         lens = np.diff(rows.offsets)
         slots = np.fromiter(map(self._slot.get, ids, itertools.repeat(-1)), np.int64, len(ids))
+        new: list[int] = []  # slots made for this batch: given back if their rows are refused
         for i in np.nonzero((slots < 0) & (lens > 0))[0].tolist():
             rid, m = ids[i], int(lens[i])
             if rid in self._finished:
@@ -246,7 +276,8 @@ class RequestStore:
             elif m > self.max_tokens:
                 dropped["too_long"] = dropped.get("too_long", 0) + m
             else:
-                slots[i] = self._new_slot(rid)
+                slots[i] = self._new_slot(rid, now)
+                new.append(i)
         keep = (slots >= 0) & (lens > 0)
         if not keep.any():  # also: no slot exists yet to index below
             return dropped
@@ -259,6 +290,9 @@ class RequestStore:
         if over.any():
             dropped["capacity"] = dropped.get("capacity", 0) + int(lens[over].sum())
             keep &= ~over
+            refused = [int(slots[i]) for i in new if over[i]]
+            if refused:  # a request none of whose rows were kept holds nothing
+                self._release(refused, np.zeros(0, np.int64))
         if not keep.any():
             return dropped
         if keep.all():
@@ -365,8 +399,11 @@ class RequestStore:
         return Gathered(rids, off, meta[:, 1], meta[:, 2].astype(np.int8), proj)
 
     def expire(self, now: float) -> int:
-        """Drop requests idle past the timeout (closed ones wait for ``gather``, never here)."""
-        live = np.nonzero(self._head >= 0)[0]
+        """Drop requests idle past the timeout (closed ones wait for ``gather``, never here).
+
+        Every live request, with pages or without: a slot that holds no row still counts
+        against ``max_requests``."""
+        live = np.fromiter(self._slot.values(), np.int64, len(self._slot))
         stale = live[now - self._seen[live] >= self.timeout_s].tolist()
         if stale:
             pages = itertools.chain.from_iterable(self._pages(s) for s in stale)

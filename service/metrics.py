@@ -1,12 +1,17 @@
 """Prometheus metrics of the sidecar, on an explicit registry.
 
 Labels are bounded: model, model version, bundle, feature, and fixed reason strings. Never a
-request id or text.
+request id or text. Model and model version come from the client, so they pass through
+``LabelValues`` first: the operator's allow-list, or the first few distinct values seen, each at
+most ``max_chars`` long; any other value is reported as ``other`` and counted in
+``misalign_label_values_refused_total{label}``. Drop reasons and mitigation modes a sender reports
+are kept only when they are ones this code knows (``DROP_REASONS``, ``MITIGATION_MODES``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -21,6 +26,48 @@ VERSION = "0.1.0"
 # rest), so a misalignment rate joins vLLM's request metrics `on (model_name)` as it is.
 MODEL_LABEL = "model_name"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+OTHER = "other"
+# Why rows or steps were dropped: by the tap (tap/publisher.py, tap/runner_hook.py) and by the
+# sidecar's store (service/ingest.py).
+DROP_REASONS = frozenset(
+    {"queue_full", "sidecar_unavailable", "tap_error", "capacity", "too_long", "after_finish"}
+)
+MITIGATION_MODES = frozenset({"ablate", "steer"})  # tap/mitigation.py
+
+
+@dataclass(frozen=True)
+class LabelLimits:
+    """What client-chosen label values may become series (settings ``label_*``)."""
+
+    models: tuple[str, ...] = ()  # allowed; empty: the first ``max_models`` seen
+    model_versions: tuple[str, ...] = ()
+    max_models: int = 8
+    max_model_versions: int = 16
+    max_chars: int = 64
+
+
+class LabelValues:
+    """One client-chosen label: a value is kept when allowed, or (no allow-list) while fewer than
+    ``cap`` distinct values have been kept; anything else, and anything longer than
+    ``max_chars``, becomes ``other`` and is counted."""
+
+    def __init__(
+        self, label: str, allowed: tuple[str, ...], cap: int, max_chars: int, refused: Counter
+    ) -> None:
+        self._kept: set[str] = set(allowed)
+        self._open = not allowed
+        self.cap = cap
+        self.max_chars = max_chars
+        self._refused = refused.labels(label)
+
+    def __call__(self, value: str) -> str:
+        if value in self._kept:
+            return value
+        if self._open and len(value) <= self.max_chars and len(self._kept) < self.cap:
+            self._kept.add(value)
+            return value
+        self._refused.inc()
+        return OTHER
 
 
 def score_buckets(bundle: Bundle) -> tuple[float, ...]:
@@ -90,8 +137,30 @@ def _le(edge: float) -> str:
 
 
 class Metrics:
-    def __init__(self, bundle: Bundle, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        registry: CollectorRegistry | None = None,
+        limits: LabelLimits = LabelLimits(),
+    ) -> None:
         r = self.registry = registry or CollectorRegistry()
+        self.labels_refused = Counter(
+            "misalign_label_values_refused_total",
+            "Label values a client sent that are reported as 'other': not allowed, past the cap "
+            "on distinct values, too long, or not a known reason or mode",
+            ("label",),
+            registry=r,
+        )
+        self.model = LabelValues(
+            MODEL_LABEL, limits.models, limits.max_models, limits.max_chars, self.labels_refused
+        )
+        self.model_version = LabelValues(
+            "model_version",
+            limits.model_versions,
+            limits.max_model_versions,
+            limits.max_chars,
+            self.labels_refused,
+        )
         req = (MODEL_LABEL, "model_version", "bundle")
         feat = (*req, "feature")
         self.request_score = ScoreHistograms(
@@ -189,6 +258,19 @@ class Metrics:
             "Flagged samples dropped because the buffer was full",
             registry=r,
         )
+        self._refused_reason = self.labels_refused.labels("reason")
+        self._refused_mode = self.labels_refused.labels("mode")
+        self.samples_clipped = Counter(
+            "misalign_sample_text_clipped_total",
+            "Flagged samples whose text was too long to keep whole (head and tail kept)",
+            ("field",),
+            registry=r,
+        )
+        self.sample_failures = Counter(
+            "misalign_sample_build_failures_total",
+            "Flagged samples lost because building them (detokenise, redact) raised",
+            registry=r,
+        )
         self.build_info = Info("misalign_build", "Sidecar build", registry=r)
         self.build_info.info({"version": VERSION})
         self.bundle_info = Info("misalign_bundle", "Loaded direction bundle", registry=r)
@@ -209,3 +291,15 @@ class Metrics:
         for f in bundle.spec.features:
             if f.calibration is not None:
                 self.feature_threshold.labels(bundle.bundle_id, f.name).set(f.calibration.threshold)
+
+    def drop_reason(self, reason: str) -> str:
+        if reason in DROP_REASONS:
+            return reason
+        self._refused_reason.inc()
+        return OTHER
+
+    def mitigation_mode(self, mode: str) -> str:
+        if mode in MITIGATION_MODES:
+            return mode
+        self._refused_mode.inc()
+        return OTHER

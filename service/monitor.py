@@ -22,8 +22,13 @@ from service.ingest import BadInput, RequestStore, Rows, decode_batch
 from service.metrics import Metrics
 from service.redaction import Redactor
 from service.rpc import monitor_pb2 as pb
+from service.sample_worker import SampleWorker
 
 log = logging.getLogger(__name__)
+# A sender's cumulative drop count above this is refused: 10^12 rows is 115 days at 100,000
+# rows/s, and 2^64 - 1 (what an uint64 can say) would swamp every rate computed from the counter.
+MAX_REPORTED_DROPS = 10**12
+SENDERS_TRACKED = 4096  # senders whose last drop counts are kept to turn totals into increments
 
 
 def load_tokenizer(path: Path | None) -> Any:
@@ -124,9 +129,15 @@ class Monitor:
         score_batch: int = 64,
         drift: DriftTracker | None = None,
         redactor: Redactor | None = None,
+        samples: SampleWorker | None = None,
+        sample_text_chars: int = 32_768,
     ) -> None:
         self.bundle = bundle
         self.redactor = redactor
+        # None: flagged samples are built where they are scored (tests, benchmarks); the server
+        # builds them on a thread of their own.
+        self.samples = samples
+        self.sample_text_chars = sample_text_chars
         self.bundle_id = bundle.bundle_id
         self.metrics = metrics
         self.queue = queue
@@ -137,7 +148,7 @@ class Monitor:
         self.recent: OrderedDict[str, _Scored] = OrderedDict()
         self.client_ids: OrderedDict[str, str] = OrderedDict()
         self.recent_limit = recent_scores
-        self._sender_drops: dict[tuple[str, str, str], int] = {}
+        self._sender_drops: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self._labeled: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
         self._tokens = metrics.tokens_ingested.labels(self.bundle_id)
         self._steps = metrics.steps_ingested.labels(self.bundle_id)
@@ -166,6 +177,7 @@ class Monitor:
             # projections. Subtracting the bias undoes both: a JumpReLU threshold is >= 0.
             rows = replace(rows, projections=rows.projections - self._bias)
         mitigated = _mitigation(msg, rows)  # checked before anything changes
+        _check_sender_drops(msg)
         now = time.monotonic()
         dropped = self.store.add(rows, now)
         for rid, label, pos, changed in mitigated:
@@ -187,18 +199,29 @@ class Monitor:
         return len(msg.finished)
 
     def _count_sender_drops(self, msg: pb.StepBatch) -> None:
-        """Turn the sender's cumulative counters into increments (a restart resets them)."""
+        """Turn the sender's cumulative counters into increments (a restart resets them).
+
+        A reason this code does not know is counted as ``other`` (the totals of all such
+        reasons of a sender summed). The last totals of the most recent ``SENDERS_TRACKED``
+        sender and reason pairs are kept; a sender forgotten has its next total counted whole,
+        as after a restart of the sidecar."""
         for kind, counts, metric in (
             ("rows", msg.drops.rows_by_reason, self.metrics.rows_dropped),
             ("steps", msg.drops.steps_by_reason, self.metrics.steps_dropped),
         ):
+            totals: dict[str, int] = {}
             for reason, total in counts.items():
+                label = self.metrics.drop_reason(reason)
+                totals[label] = totals.get(label, 0) + total
+            for reason, total in totals.items():
                 key = (msg.sender_id, kind, reason)
-                last = self._sender_drops.get(key, 0)
+                last = self._sender_drops.pop(key, 0)
                 inc = total - last if total >= last else total
                 if inc:
                     metric.labels("inference", reason).inc(inc)
                 self._sender_drops[key] = total
+                while len(self._sender_drops) > SENDERS_TRACKED:
+                    self._sender_drops.popitem(last=False)
 
     def expire(self) -> int:
         n = self.store.expire(time.monotonic())
@@ -277,12 +300,14 @@ class Monitor:
         by_label: dict[tuple[str, str], list[int]] = {}
         results = []
         off = offsets.tolist()
+        model_label, version_label = self.metrics.model, self.metrics.model_version
         for i, fr in enumerate(finished):
-            by_label.setdefault((fr.model, fr.model_version), []).append(i)
+            labels = (model_label(fr.model), version_label(fr.model_version))
+            by_label.setdefault(labels, []).append(i)
             marks = self._mitigated.pop(fr.request_id, None) or _Marks("")
             mitigation, changed = marks.label, marks.changed
             if mitigation:
-                self._count_mitigated(fr, mitigation, changed, any_flag[i])
+                self._count_mitigated(labels, mitigation, changed, any_flag[i])
             result = _Scored(
                 fr.request_id,
                 fr.client_request_id,
@@ -311,22 +336,35 @@ class Monitor:
             for i in np.flatnonzero(flagged).tolist():
                 s, e = off[i], off[i + 1]
                 result = results[i]
-                self.queue.put(
-                    self._sample(result, result.features, token_ids[s:e], roles[s:e], ts[s:e]),
-                    result.request_id,
-                )
+
+                def build(
+                    result: _Scored = result,
+                    tok: np.ndarray = token_ids[s:e],
+                    rol: np.ndarray = roles[s:e],
+                    sc: np.ndarray = ts[s:e],
+                ) -> dict[str, Any]:
+                    return self._sample(result, result.features, tok, rol, sc)
+
+                if self.samples is not None:
+                    self.samples.submit(build, result.request_id)
+                else:
+                    self.queue.put(build(), result.request_id)
         return results
 
     def _count_mitigated(
-        self, fr: pb.FinishedRequest, mitigation: str, changed: int, flagged: bool
+        self, labels: tuple[str, str], mitigation: str, changed: int, flagged: bool
     ) -> None:
-        labels = (fr.model, fr.model_version, self.bundle_id)
         if not changed:
             return  # rules that never fired (@flagged, below the threshold): nothing was moved
         # The mode only: a label per rule would let a client mint series with its own alphas.
-        modes = "+".join(sorted({rule.split(":", 1)[0] for rule in mitigation.split(",")}))
-        self.metrics.requests_mitigated.labels(*labels, modes, "yes" if flagged else "no").inc()
-        self.metrics.tokens_mitigated.labels(*labels).inc(changed)
+        modes = "+".join(
+            sorted(
+                {self.metrics.mitigation_mode(r.split(":", 1)[0]) for r in mitigation.split(",")}
+            )
+        )
+        m, flag = self.metrics, "yes" if flagged else "no"
+        m.requests_mitigated.labels(*labels, self.bundle_id, modes, flag).inc()
+        m.tokens_mitigated.labels(*labels, self.bundle_id).inc(changed)
 
     def _children(self, model: str, version: str) -> tuple[Any, list[Any]]:
         """Labeled metric children for one (model, version), looked up once, not per request."""
@@ -399,7 +437,32 @@ class Monitor:
                 token_ids[roles == 1].tolist(), skip_special_tokens=False
             )
             sample["token_text"] = [self.tokenizer.id_to_token(int(t)) or "" for t in token_ids]
-        return self.redactor.sample(sample) if self.redactor else sample
+        if self.redactor:
+            # over the whole text, then clipped: a secret across the cut is redacted all the same
+            sample = self.redactor.sample(sample)
+        for key in ("prompt_text", "response_text"):
+            if key in sample and len(sample[key]) > self.sample_text_chars:
+                sample[key] = clip(sample[key], self.sample_text_chars)
+                self.metrics.samples_clipped.labels(key).inc()
+        return sample
+
+
+def clip(text: str, limit: int) -> str:
+    """What is kept of a text longer than ``limit`` characters: its first ``limit // 2`` and its
+    last ``limit - limit // 2`` characters, with a line between them saying how many were cut."""
+    head, tail = limit // 2, limit - limit // 2
+    return f"{text[:head]}\n[... {len(text) - limit} characters cut ...]\n{text[-tail:]}"
+
+
+def _check_sender_drops(msg: pb.StepBatch) -> None:
+    for kind, counts in (("rows", msg.drops.rows_by_reason), ("steps", msg.drops.steps_by_reason)):
+        for reason, total in counts.items():
+            if total > MAX_REPORTED_DROPS:
+                raise BadInput(
+                    "drop_count",
+                    f"drops.{kind}_by_reason[{reason[:64]!r}] is {total}, above the bound of "
+                    f"{MAX_REPORTED_DROPS:.0e} a sender can have dropped",
+                )
 
 
 def _mitigation(msg: pb.StepBatch, rows: Rows) -> list[tuple[str, str, np.ndarray, np.ndarray]]:

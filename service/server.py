@@ -1,4 +1,5 @@
-"""The sidecar process: gRPC (TCP and/or Unix socket, TLS optional), /metrics, the flag queue."""
+"""The sidecar process: gRPC (TCP, TLS optional, and/or a plaintext Unix socket), a plaintext
+health-only port for probes, /metrics, the flag queue. Who may call what: service/auth.py."""
 
 from __future__ import annotations
 
@@ -7,29 +8,32 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from detectors import bundle as bundle_io
 from service import redaction, redis_conn
+from service.auth import AccessPolicy, AuthInterceptor, server_credentials
 from service.drift import DriftTracker
 from service.embedded_redis import EmbeddedRedis
 from service.flags import FlagQueue
 from service.ingest import BadInput, decode_rows
-from service.metrics import Metrics
+from service.metrics import LabelLimits, Metrics
 from service.monitor import Monitor, default_tokenizer_path, load_tokenizer
 from service.review.backlog import ReviewGauges, refresh_review_gauges
 from service.rpc import monitor_pb2 as pb
 from service.rpc import monitor_pb2_grpc as pb_grpc
-from service.settings import Settings
-from service.wire_guard import MalformedMessageInterceptor
+from service.sample_worker import SampleWorker
+from service.settings import Settings, SettingsError
+from service.wire_guard import MalformedMessageInterceptor, receive_limit
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Monitor"].full_name
@@ -73,6 +77,8 @@ class MonitorServicer(pb_grpc.MonitorServicer):
                 rows += len(msg.is_response)
         finally:
             self.monitor.flush()  # a stream that ends leaves nothing waiting
+            if self.monitor.samples is not None:  # its flagged samples in the queue, too
+                await self.monitor.samples.built()
         return pb.IngestSummary(steps=steps, rows=rows, finished=finished)
 
     async def Score(
@@ -152,6 +158,8 @@ class Sidecar:
     metrics_port: int
     embedded: EmbeddedRedis | None
     http_server: object
+    health_server: grpc.aio.Server | None = None  # the plaintext health-only port
+    health_port: int | None = None
     _expire_task: asyncio.Task[None] | None = None
     _review_task: asyncio.Task[None] | None = None
 
@@ -159,7 +167,11 @@ class Sidecar:
         """Graceful: NOT_SERVING, stop accepting, let streams drain, flush the flag queue."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.monitor.flush()
+        if self.monitor.samples is not None:
+            await self.monitor.samples.drain()
         if self._expire_task:
             self._expire_task.cancel()
         if self._review_task:
@@ -177,27 +189,80 @@ class Sidecar:
             self.settings.unix_socket.unlink(missing_ok=True)
 
 
-def _credentials(s: Settings) -> grpc.ServerCredentials | None:
-    if s.tls_cert is None or s.tls_key is None:
-        return None
-    pair = [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())]
-    if s.tls_client_ca is not None:
-        return grpc.ssl_server_credentials(
-            pair, s.tls_client_ca.read_bytes(), require_client_auth=True
-        )
-    return grpc.ssl_server_credentials(pair)
+def _listen(server: grpc.aio.Server, addr: str, setting: str, creds: Any = None) -> int:
+    """Bind ``addr``; a port taken or an address not this host's is a settings mistake."""
+    try:
+        return server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
+    except RuntimeError as exc:
+        raise SettingsError(f"setting '{setting}': cannot listen on {addr} ({exc})") from None
 
 
 async def start(settings: Settings) -> Sidecar:
     bundle = bundle_io.load(settings.bundle)
-    metrics = Metrics(bundle)
+    metrics = Metrics(
+        bundle,
+        limits=LabelLimits(
+            tuple(settings.label_models),
+            tuple(settings.label_model_versions),
+            settings.label_max_models,
+            settings.label_max_model_versions,
+            settings.label_max_chars,
+        ),
+    )
+    # Listeners first: a port taken is refused before a process (embedded Redis) is started.
+    opts = [
+        ("grpc.max_receive_message_length", receive_limit(settings.max_message_bytes)),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    prefix = f"/{SERVICE_NAME}/"
+    access = AuthInterceptor(AccessPolicy.from_settings(settings), metrics, prefix)
+    guard = MalformedMessageInterceptor(metrics, prefix, settings.max_message_bytes)
+    # The first interceptor runs first: a refused caller's bytes are never decoded.
+    server = grpc.aio.server(options=opts, interceptors=[access, guard])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    tcp_port = None
+    if settings.grpc_port is not None:
+        if settings.grpc_port:
+            _check_free(settings.grpc_host, settings.grpc_port, "grpc_port")
+        addr = f"{settings.grpc_host}:{settings.grpc_port}"
+        tcp_port = _listen(server, addr, "grpc_port", server_credentials(settings))
+    if settings.unix_socket is not None:
+        settings.unix_socket.parent.mkdir(parents=True, exist_ok=True)
+        settings.unix_socket.unlink(missing_ok=True)
+        # Plaintext: the socket's permissions guard it, and the tap speaks no TLS to it.
+        _listen(server, f"unix:{settings.unix_socket}", "unix_socket")
+    health_server = health_port = None
+    if settings.health_port is not None:
+        # A server of its own holding only the health service: probes get no other method.
+        if settings.health_port:
+            _check_free(settings.grpc_host, settings.health_port, "health_port")
+        health_server = grpc.aio.server(options=opts)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        addr = f"{settings.grpc_host}:{settings.health_port}"
+        health_port = _listen(health_server, addr, "health_port")
+    try:
+        http_server, _thread = start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        )
+    except OSError as exc:
+        addr = f"{settings.metrics_host}:{settings.metrics_port}"
+        raise SettingsError(f"setting 'metrics_port': cannot listen on {addr} ({exc})") from None
     embedded = None
     url = redis_conn.redis_url(settings)
     if url is None:
         embedded = EmbeddedRedis(settings.state_dir)
         url = embedded.start()
     auth = redis_conn.client_options(settings)
-    client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, **auth)
+    client = redis_conn.connect(url, auth, timeout_s=2)
     queue = FlagQueue(
         client,
         metrics,
@@ -230,42 +295,17 @@ async def start(settings: Settings) -> Sidecar:
             window=settings.drift_window,
             min_requests=settings.drift_min_requests,
         ),
+        samples=SampleWorker(queue, metrics, settings.buffer_size),
+        sample_text_chars=settings.sample_text_chars,
     )
-    opts = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-    ]
-    guard = MalformedMessageInterceptor(metrics, f"/{SERVICE_NAME}/")
-    server = grpc.aio.server(options=opts, interceptors=[guard])
     pb_grpc.add_MonitorServicer_to_server(
         MonitorServicer(monitor, settings.score_delay_ms / 1e3), server
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    creds = _credentials(settings)
-    tcp_port = None
-    if settings.grpc_port is not None:
-        addr = f"{settings.grpc_host}:{settings.grpc_port}"
-        tcp_port = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
-    if settings.unix_socket is not None:
-        settings.unix_socket.parent.mkdir(parents=True, exist_ok=True)
-        settings.unix_socket.unlink(missing_ok=True)
-        addr = f"unix:{settings.unix_socket}"
-        server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     if settings.unix_socket is not None:
         os.chmod(settings.unix_socket, settings.unix_socket_mode)
-    http_server, _thread = start_http_server(
-        settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
-    )
     metrics_port = http_server.server_port
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -280,6 +320,8 @@ async def start(settings: Settings) -> Sidecar:
         metrics_port,
         embedded,
         http_server,
+        health_server,
+        health_port,
     )
     sidecar._expire_task = asyncio.create_task(_expire_loop(monitor, settings.request_timeout_s))
     sidecar._review_task = asyncio.create_task(
@@ -293,17 +335,37 @@ async def start(settings: Settings) -> Sidecar:
         )
     )
     log.info(
-        "serving bundle %s (%s, layer %d) on %s%s; metrics on http://%s:%d/metrics; flags to %s",
+        "serving bundle %s (%s, layer %d) on %s%s%s; metrics on http://%s:%d/metrics; flags to %s",
         bundle.bundle_id,
         bundle.spec.model.name,
         bundle.spec.layer,
         f"{settings.grpc_host}:{tcp_port}" if tcp_port is not None else "",
         f" unix:{settings.unix_socket}" if settings.unix_socket else "",
+        f"; health on {settings.grpc_host}:{health_port}" if health_port is not None else "",
         settings.metrics_host,
         metrics_port,
-        "embedded redis" if embedded else "redis",
+        "embedded redis" if embedded else redis_conn.redact_url(url),
     )
     return sidecar
+
+
+def _check_free(host: str, port: int, setting: str) -> None:
+    """Bind the address once without SO_REUSEPORT, which grpc sets: with it, a port another
+    process holds the same way is shared without a word (two sidecars splitting one port's
+    traffic), and a port taken otherwise fails in grpc's C core with a log line of its own."""
+    try:
+        addrs = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SettingsError(f"setting 'grpc_host': cannot resolve {host!r} ({exc})") from None
+    for family, kind, proto, _, addr in addrs:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                raise SettingsError(
+                    f"setting '{setting}': cannot listen on {host}:{port} ({exc.strerror or exc})"
+                ) from None
 
 
 async def _expire_loop(monitor: Monitor, timeout_s: float) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from detectors.bundle import default_bundle_path
 from detectors.errors import MisalignError
+from service import redis_keys
 from service.review.settings import ReviewSettings
 
 RedactionName = Literal["email", "phone", "api_key"]  # service/redaction.py BUILTIN
@@ -56,15 +57,44 @@ class Settings(BaseSettings):
     )
     grpc_host: str = "127.0.0.1"
     grpc_port: int | None = Field(default=50051, ge=0, le=65535, description="0: any free port")
-    unix_socket: Path | None = None
-    unix_socket_mode: int = Field(default=0o660, description="permissions of the Unix socket")
-    tls_cert: Path | None = None
+    unix_socket: Path | None = Field(
+        default=None, description="plaintext always: the socket's permissions guard it"
+    )
+    unix_socket_mode: int = Field(
+        default=0o660,
+        ge=0,
+        le=0o777,
+        description="permissions of the Unix socket, octal: '0660' or '0o660' (a string from "
+        "the environment is always read as octal)",
+    )
+    # TLS on the TCP listener (service/auth.py says who may call what on which listener).
+    tls_cert: Path | None = Field(default=None, description="PEM certificate of the TCP listener")
     tls_key: Path | None = None
-    tls_client_ca: Path | None = Field(default=None, description="require client certificates")
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="require client certificates signed by this CA on TCP; Ingest over TCP "
+        "needs one (except on a plaintext loopback listener)",
+    )
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="a plaintext port on grpc_host serving only grpc.health.v1, for probes that "
+        "cannot speak TLS (the kubelet's); 0: any free port; unset: none",
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token client calls (Score, GetRequestScore, DescribeBundle) over "
+        "TCP must send as 'authorization: Bearer TOKEN'; unset: not asked",
+    )
+    api_token_file: Path | None = Field(default=None, description="a file holding api_token")
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     redis_url: SecretStr | None = Field(
-        default=None, description="redis://, rediss:// or unix://; unset: start an embedded redis"
+        default=None,
+        description="redis://, rediss://, unix://, redis+cluster://host:port[,host:port], "
+        "redis+sentinel://host:port[,host:port]/service[/db] (rediss+ for TLS; docs/redis.md); "
+        "unset: start an embedded redis",
     )
     # Redis credentials and TLS (service/redis_conn.py): secrets from the environment
     # (MISALIGN_REDIS_PASSWORD) or from a file, never from a settings file checked into a repo.
@@ -88,8 +118,9 @@ class Settings(BaseSettings):
         default_factory=_state_dir,
         description="the embedded Redis' socket and files; default $XDG_STATE_HOME/misalign-monitor",
     )
-    stream: str = "misalign:flagged"
-    dead_letter_stream: str = "misalign:flagged:dead"
+    # One hash tag for every key a script touches together (service/redis_keys.py).
+    stream: str = redis_keys.FLAGGED_STREAM
+    dead_letter_stream: str = redis_keys.DEAD_LETTER_STREAM
     group: str = "reviewers"
     stream_maxlen: int = Field(default=100_000, gt=0)
     dedup_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
@@ -108,10 +139,33 @@ class Settings(BaseSettings):
     max_rows: int = Field(
         default=4_000_000,
         gt=0,
-        description="token rows held at once, all requests together: the memory bound "
-        "(each row costs 24 + 4 k bytes; 4M rows at k = 16 is 352 MB)",
+        description="token rows held at once, all requests together: the memory bound. The "
+        "pool holds at most max_rows / 16 + max_requests pages of 16 rows of 24 + 4 k bytes "
+        "(a request's last page is partly filled): 207 MB at the defaults and k = 3",
     )
-    max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # gRPC takes it as a 32-bit int, and the sidecar lets messages of up to twice it reach its
+    # own check (to count them): 1 GiB at most.
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1 << 30)
+    # Metric labels a client chooses (service/metrics.py LabelValues): any other value is
+    # reported as "other" and counted in misalign_label_values_refused_total.
+    label_models: list[str] = Field(
+        default_factory=list, description="model_name label values kept; empty: the first seen"
+    )
+    label_model_versions: list[str] = Field(
+        default_factory=list, description="model_version values kept; empty: the first seen"
+    )
+    label_max_models: int = Field(default=8, ge=1, le=1000, description="without label_models")
+    label_max_model_versions: int = Field(
+        default=16, ge=1, le=1000, description="without label_model_versions"
+    )
+    label_max_chars: int = Field(default=64, ge=1, le=1024, description="longer: other")
+    sample_text_chars: int = Field(
+        default=32_768,
+        ge=1024,
+        le=10_000_000,
+        description="prompt or response text kept whole in a flagged sample; a longer one keeps "
+        "its first and last halves of this, with a line saying how much was cut",
+    )
     recent_scores: int = Field(default=10_000, gt=0, description="finished scores kept for lookup")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     score_delay_ms: float = Field(
@@ -128,6 +182,20 @@ class Settings(BaseSettings):
         default_factory=ReviewSettings, description="the review page (service/review)"
     )
 
+    @field_validator("unix_socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        # MISALIGN_UNIX_SOCKET_MODE=0660 is a string: as a decimal int it would be 0o1224.
+        expected = "expected an octal mode such as '0660' or '0o660'"
+        if isinstance(value, str):
+            text = value.strip().lower().removeprefix("0o")
+            if not text or any(c not in "01234567" for c in text):
+                raise ValueError(f"{expected}, got {value!r}")
+            value = int(text, 8)
+        if isinstance(value, int) and not 0 <= value <= 0o777:
+            raise ValueError(f"{expected} (at most 0o777), got {value} ({value:#o})")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.grpc_port is None and self.unix_socket is None:
@@ -138,9 +206,11 @@ class Settings(BaseSettings):
             raise ValueError("drift_min_requests must not exceed drift_window")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        from service.auth import check_auth_settings
         from service.redis_conn import check_redis_settings
 
         check_redis_settings(self)
+        check_auth_settings(self)
         for name, pattern in self.redact_patterns.items():
             try:
                 re.compile(pattern)
@@ -148,10 +218,17 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"redact_patterns.{name}: not a regular expression ({exc})"
                 ) from None
-        for name in ("bundle", "tls_cert", "tls_key", "tls_client_ca", "tokenizer"):
+        for name in ("bundle", "tokenizer"):
             p = getattr(self, name)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"{name}: file not found: {p}")
+        for name in ("label_models", "label_model_versions"):
+            long = [v for v in getattr(self, name) if len(v) > self.label_max_chars]
+            if long:
+                raise ValueError(
+                    f"{name}: {long[0][:80]!r} is longer than label_max_chars "
+                    f"({self.label_max_chars})"
+                )
         return self
 
     @classmethod
@@ -171,7 +248,7 @@ class Settings(BaseSettings):
 
     def redacted(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
-        for name in ("redis_url", "redis_password"):
+        for name in ("redis_url", "redis_password", "api_token"):
             if getattr(self, name) is not None:
                 out[name] = "**********"
         return out

@@ -5,6 +5,11 @@ grpc decodes a request with the handler's deserializer before any servicer code 
 interceptor takes decoding over: the handler receives the raw bytes, decodes them with the same
 deserializer, and refuses what does not decode with INVALID_ARGUMENT naming the message type,
 counted in ``misalign_ingest_errors_total{rpc, reason="malformed"}``.
+
+It also refuses, with RESOURCE_EXHAUSTED, a message over ``max_message_bytes``, counted with
+``reason="too_large"``: grpc's own limit is set to twice that (``receive_limit``) so that such a
+message reaches this check instead of being refused by grpc unseen. One over twice the limit is
+still refused by grpc itself, uncounted.
 """
 
 from __future__ import annotations
@@ -18,10 +23,15 @@ from google.protobuf.message import DecodeError
 from service.metrics import Metrics
 
 
+def receive_limit(max_message_bytes: int) -> int:
+    return min(2 * max_message_bytes, 2**31 - 1)
+
+
 class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, service_prefix: str) -> None:
+    def __init__(self, metrics: Metrics, service_prefix: str, max_message_bytes: int) -> None:
         self.metrics = metrics
         self.prefix = service_prefix  # only this service's methods: health and reflection as is
+        self.max_bytes = max_message_bytes
 
     async def intercept_service(
         self,
@@ -36,6 +46,13 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
         rpc = method.rsplit("/", 1)[-1]
 
         async def parse(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+            if len(data) > self.max_bytes:
+                self.metrics.ingest_errors.labels(rpc, "too_large").inc()
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{rpc}: a message of {len(data)} bytes, over max_message_bytes "
+                    f"({self.max_bytes})",
+                )
             try:
                 return decode(data)
             except DecodeError as exc:

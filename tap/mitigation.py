@@ -14,8 +14,14 @@ with ``extra_args`` (the OpenAI-compatible server's ``vllm_xargs``)::
     {"misalign_mitigation": "misaligned_persona=steer:8@always"}   these rules instead
 
 ``MISALIGN_TAP_MITIGATION_DEFAULT=off`` makes mitigation opt-in: only requests that ask get it.
-``MISALIGN_TAP_MITIGATION_CLIENTS`` limits what a request may ask: ``rules`` (the default: on, off
-or its own rules), ``switch`` (on or off only), ``none`` (nothing: the operator's rules for all).
+``MISALIGN_TAP_MITIGATION_CLIENTS`` limits what a request may ask, since whoever calls the API
+sends ``extra_args``: ``on`` (the default: only switch mitigation on), ``switch`` (on or off),
+``rules`` (on, off or its own rules), ``none`` (nothing: the operator's rules for all). An ask the
+policy does not allow, or a malformed one, is refused: the request gets what it would have got
+without asking, and the refusal is counted (``Mitigation.refused``) and logged once per reason.
+``steer`` strengths are finite, positive (a negative one would steer *toward* the feature) and at
+most ``MISALIGN_TAP_MITIGATION_MAX_ALPHA`` (default ``DEFAULT_MAX_ALPHA``), for the operator's
+rules (refused at start) as for a request's.
 Host side, once per step before the forward, ``write_controls`` fills the op's control rows; after
 it, ``observe`` updates each request's running sums and counts the rows the op changed.
 """
@@ -25,9 +31,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,7 +44,7 @@ import numpy as np
 from detectors.bundle import Bundle
 from tap import state
 from tap.projection_op import ABLATE, CTL_BLOCKS, GATED, PREV_SUM, STEER, ctl_width
-from tap.settings import TapConfigError
+from tap.settings import DEFAULT_MAX_ALPHA, ClientChoice, TapConfigError, TapSettings
 
 Mode = Literal["ablate", "steer"]
 When = Literal["always", "flagged"]
@@ -45,6 +53,11 @@ _RULE = re.compile(
     r"@(?P<when>always|flagged)$"
 )
 EXTRA_ARG = "misalign_mitigation"
+_REFUSED = {
+    "off": "switching mitigation off",
+    "rules": "choosing its own rules",
+    "malformed": f"a malformed {EXTRA_ARG}",
+}
 # Salts are keyed: a client cannot send a salt that lands its blocks among mitigated requests'.
 _SALT_KEY = os.urandom(16)
 log = logging.getLogger(__name__)
@@ -64,7 +77,9 @@ class Rule:
         return f"{self.mode}{alpha}:{self.name}@{self.when}"
 
 
-def parse_rules(text: str, bundle: Bundle, where: str) -> tuple[Rule, ...]:
+def parse_rules(
+    text: str, bundle: Bundle, where: str, max_alpha: float = DEFAULT_MAX_ALPHA
+) -> tuple[Rule, ...]:
     """``text`` as rules for ``bundle``'s features; errors name ``where`` the text came from."""
     rules: list[Rule] = []
     for part in (p.strip() for p in text.split(",")):
@@ -91,6 +106,13 @@ def parse_rules(text: str, bundle: Bundle, where: str) -> tuple[Rule, ...]:
             raise TapConfigError(
                 f"misalign tap: {where}: {part!r}: ALPHA is not a number"
             ) from None
+        if mode == "steer" and not (math.isfinite(alpha) and 0 < alpha <= max_alpha):
+            # steer moves x by -alpha along the unit direction: alpha <= 0 would leave the
+            # feature or push toward it, and 1e999 parses as infinity.
+            raise TapConfigError(
+                f"misalign tap: {where}: {part!r}: ALPHA must be a finite number above 0 and at "
+                f"most {max_alpha:g} (MISALIGN_TAP_MITIGATION_MAX_ALPHA)"
+            )
         when: When = "flagged" if m["when"] == "flagged" else "always"
         if any(r.name == name for r in rules):
             raise TapConfigError(f"misalign tap: {where}: feature {name!r} has two rules")
@@ -172,14 +194,31 @@ class Mitigation:
     bundle: Bundle
     default_rules: tuple[Rule, ...]
     default_on: bool
-    # What a request may choose: "rules" (its own), "switch" (on/off), "none" (the default only).
-    clients: str = "rules"
+    # What a request may choose (tap.settings.ClientChoice): only "on" unless the operator allows
+    # more, since whoever calls the API sends extra_args.
+    clients: ClientChoice = "on"
+    max_alpha: float = DEFAULT_MAX_ALPHA
+    # asks refused, by reason: "off" / "rules" (not allowed), "malformed"
+    refused: Counter[str] = field(default_factory=Counter)
     _requests: dict[str, _Request] = field(default_factory=dict)
     # steps observed whose sums are not added yet: (ids, offsets, positions, roles, activations,
     # ready)
     _behind: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Any, Any]] = field(
         default_factory=list
     )
+
+    @classmethod
+    def from_settings(cls, settings: TapSettings, bundle: Bundle) -> Mitigation:
+        """The operator's mitigation; a bad rule stops the engine at start."""
+        max_alpha = settings.mitigation_max_alpha
+        rules = parse_rules(settings.mitigation, bundle, "MISALIGN_TAP_MITIGATION", max_alpha)
+        return cls(
+            bundle,
+            rules,
+            settings.mitigation_default == "on",
+            settings.mitigation_clients,
+            max_alpha,
+        )
 
     @property
     def k(self) -> int:
@@ -191,22 +230,43 @@ class Mitigation:
             r = self._requests[req_id] = self._new(req_id, _extra_args(runner, req_id))
         return r
 
-    def rules_for(self, req_id: str, extra: dict[str, Any]) -> tuple[Rule, ...]:
-        """The rules a request with these ``extra_args`` gets."""
+    def rules_for(self, req_id: str, extra: dict[str, Any], count: bool = True) -> tuple[Rule, ...]:
+        """The rules a request with these ``extra_args`` gets: its ask where the policy allows
+        it, else (refused; counted unless ``count`` is False) what it would get without asking."""
         asked = extra.get(EXTRA_ARG)
         default = self.default_rules if self.default_on else ()
         if asked is None or self.clients == "none":
             return default
-        if str(asked) == "off":
-            return ()
-        if str(asked) == "on":
+        text = str(asked)
+        refusal, why = None, ""
+        if text == "on":
             return self.default_rules
-        if self.clients == "switch":
-            return default  # choosing rules is not this client's to do
-        try:
-            return parse_rules(str(asked), self.bundle, f"request {req_id} {EXTRA_ARG}")
-        except TapConfigError:
-            return ()  # a bad per-request value must not fail the engine step
+        if text == "off":
+            if self.clients in ("switch", "rules"):
+                return ()
+            refusal = "off"
+        elif self.clients != "rules":
+            refusal = "rules"
+        else:
+            try:
+                return parse_rules(
+                    text, self.bundle, f"request {req_id} {EXTRA_ARG}", self.max_alpha
+                )
+            except TapConfigError as exc:
+                # A bad per-request value must not fail the engine step, nor unmitigate it.
+                refusal, why = "malformed", f": {exc}"
+        if count:
+            if not self.refused[refusal]:
+                log.warning(
+                    "misalign tap: request %s: %s refused (MISALIGN_TAP_MITIGATION_CLIENTS=%s)%s;"
+                    " it gets the default. Further refusals are counted, not logged.",
+                    req_id,
+                    _REFUSED[refusal],
+                    self.clients,
+                    why,
+                )
+            self.refused[refusal] += 1
+        return default
 
     def _new(self, req_id: str, extra: dict[str, Any]) -> _Request:
         rules = self.rules_for(req_id, extra)
@@ -306,7 +366,7 @@ def salted(
 ) -> str | None:
     """The prefix-cache salt for a request: its own if it is unmitigated, else a keyed digest of
     its own and its rules (short, of the characters vLLM allows in a salt, unforgeable)."""
-    rules = mitigation.rules_for(req_id, extra)
+    rules = mitigation.rules_for(req_id, extra, count=False)  # the worker counts refusals
     if not rules:
         return salt
     canon = ",".join(sorted(f"{r.name}={r.mode}:{r.alpha!r}@{r.when}" for r in rules))

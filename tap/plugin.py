@@ -28,12 +28,9 @@ def register() -> None:
         )
     active = state.activate(settings, bundle)
     if settings.mitigation:
-        from tap.mitigation import Mitigation, parse_rules, salt_prefix_cache
+        from tap.mitigation import Mitigation, salt_prefix_cache
 
-        rules = parse_rules(settings.mitigation, bundle, "MISALIGN_TAP_MITIGATION")
-        active.mitigation = Mitigation(
-            bundle, rules, settings.mitigation_default == "on", settings.mitigation_clients
-        )
+        active.mitigation = Mitigation.from_settings(settings, bundle)
         salt_prefix_cache()
 
     from tap import projection_op, runner_hook

@@ -3,6 +3,11 @@
 A bounded queue sits between the engine step and the stream. When it is full, or the sidecar is
 away, steps are dropped and counted by reason; the cumulative counts ride along in every batch, so
 the sidecar reports them once it is reachable again.
+
+The channel is plaintext to a Unix socket (its permissions guard it) and to a TCP address
+without ``MISALIGN_TAP_TLS_CA``; with it, TLS verified against that CA, presenting the tap's own
+certificate (``MISALIGN_TAP_TLS_CERT``/``_KEY``), which a sidecar with ``tls_client_ca`` requires for
+``Ingest`` over TCP.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Publisher:
         self._step = 0
         self.connected = False
         self._in_flight: _Step | pb.StepBatch | None = None
+        self._credentials = settings.channel_credentials()
         self._thread = threading.Thread(
             target=self._run, name="misalign-tap-publisher", daemon=True
         )
@@ -192,11 +198,18 @@ class Publisher:
                 return
             self.count_drop(_rows(msg), reason)
 
+    def _channel(self) -> grpc.Channel:
+        if self._credentials is None:
+            return grpc.insecure_channel(self.settings.sidecar)
+        name = self.settings.tls_server_name
+        opts = [("grpc.ssl_target_name_override", name)] if name else []
+        return grpc.secure_channel(self.settings.sidecar, self._credentials, options=opts)
+
     def _run(self) -> None:
         target = self.settings.sidecar
         delay = 0.05
         while True:
-            channel = grpc.insecure_channel(target)
+            channel = self._channel()
             try:
                 grpc.channel_ready_future(channel).result(timeout=max(delay, 0.2))
             except grpc.FutureTimeoutError:

@@ -5,14 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import grpc
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detectors.errors import MisalignError
+from service.tls_files import read_pem
 
 
 class TapConfigError(MisalignError):
     pass
+
+
+# What a request's extra_args may choose. on: only switch mitigation on (the default, since
+# whoever calls the API sends them); switch: on or off; rules: on, off or its own rules; none.
+ClientChoice = Literal["on", "switch", "rules", "none"]
+# The strongest steer (residual-stream units along the feature's unit direction) allowed unless
+# the operator sets MISALIGN_TAP_MITIGATION_MAX_ALPHA: twice bench/steer.py's largest.
+DEFAULT_MAX_ALPHA = 16.0
 
 
 class TapSettings(BaseSettings):
@@ -22,6 +32,19 @@ class TapSettings(BaseSettings):
     sidecar: str = Field(default="127.0.0.1:50051", description="host:port or unix:/path")
     model_version: str = Field(default="unknown", description="label for metrics and samples")
     model_name: str | None = Field(default=None, description="label; default the bundle's model")
+    # TLS to a sidecar over TCP (tap/publisher.py); the Unix socket is plaintext.
+    tls_ca: Path | None = Field(
+        default=None, description="PEM CA to verify the sidecar with; set: TLS over TCP"
+    )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="the tap's PEM client certificate (mTLS), signed by the CA "
+        "the sidecar's tls_client_ca names",
+    )
+    tls_key: Path | None = Field(default=None, description="its PEM private key, unencrypted")
+    tls_server_name: str | None = Field(
+        default=None, description="the name in the sidecar's certificate, if not the host"
+    )
     queue_size: int = Field(default=1024, gt=0, description="steps held for the publisher")
     backoff_max_s: float = Field(default=5.0, gt=0)
     mitigation: str = Field(
@@ -30,10 +53,46 @@ class TapSettings(BaseSettings):
     mitigation_default: Literal["on", "off"] = Field(
         default="on", description="off: only requests that ask (extra_args) are mitigated"
     )
-    mitigation_clients: Literal["rules", "switch", "none"] = Field(
-        default="rules",
-        description="what a request's extra_args may choose: its own rules, only on/off, nothing",
+    mitigation_clients: ClientChoice = Field(
+        default="on",
+        description="what a request's extra_args may choose: on (only switch it on), switch "
+        "(on or off), rules (on, off or its own rules), none (nothing)",
     )
+    mitigation_max_alpha: float = Field(
+        default=DEFAULT_MAX_ALPHA,
+        gt=0,
+        allow_inf_nan=False,
+        description="the strongest steer:ALPHA a rule (the operator's or a request's) may ask",
+    )
+
+    @model_validator(mode="after")
+    def _tls(self) -> TapSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("MISALIGN_TAP_TLS_CERT and MISALIGN_TAP_TLS_KEY go together")
+        tls = self.tls_ca is not None
+        if not tls and (self.tls_cert is not None or self.tls_server_name is not None):
+            raise ValueError(
+                "MISALIGN_TAP_TLS_CERT/_KEY/_SERVER_NAME need MISALIGN_TAP_TLS_CA, the CA that "
+                "signed the sidecar's certificate"
+            )
+        if tls and self.sidecar.startswith("unix:"):
+            raise ValueError(
+                f"MISALIGN_TAP_SIDECAR is {self.sidecar}: the Unix socket is plaintext (its "
+                "permissions guard it); unset MISALIGN_TAP_TLS_*, or give a host:port"
+            )
+        self.channel_credentials()  # every file readable and PEM
+        return self
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials for the channel to the sidecar (None: plaintext)."""
+        if self.tls_ca is None:
+            return None
+        ca = read_pem(self.tls_ca, "certificate", "MISALIGN_TAP_TLS_CA")
+        key = cert = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            key = read_pem(self.tls_key, "private key", "MISALIGN_TAP_TLS_KEY")
+            cert = read_pem(self.tls_cert, "certificate", "MISALIGN_TAP_TLS_CERT")
+        return grpc.ssl_channel_credentials(ca, key, cert)
 
     @model_validator(mode="after")
     def _someone_mitigated(self) -> TapSettings:
@@ -54,5 +113,8 @@ def read_settings() -> TapSettings:
         return TapSettings()
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = "MISALIGN_TAP_" + str(err["loc"][0]).upper() if err["loc"] else "MISALIGN_TAP_*"
-        raise TapConfigError(f"misalign tap: {name}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across settings: its message names them
+            raise TapConfigError(f"misalign tap: {msg}") from None
+        name = "MISALIGN_TAP_" + str(err["loc"][0]).upper()
+        raise TapConfigError(f"misalign tap: {name}: {msg}") from None

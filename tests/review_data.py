@@ -102,13 +102,12 @@ async def push_flagged(
     also_hot: dict[str, list[str]] | None = None,
 ) -> None:
     """``n`` flagged conversations through the sidecar's scoring runtime and flag queue (in
-    process) to the stream ``misalign:flagged``; request i is for ``models[i % len(models)]``,
+    process) to the stream ``misalign:{flagged}``; request i is for ``models[i % len(models)]``,
     flagged for ``feature`` (its top feature) on the ``hot`` phrases of the response."""
     import time
 
-    import redis.asyncio as aioredis
-
     from detectors import bundle as bundle_io
+    from service import redis_conn, redis_keys
     from service.flags import FlagQueue
     from service.metrics import Metrics
     from service.monitor import Monitor, load_tokenizer
@@ -116,11 +115,11 @@ async def push_flagged(
 
     bundle = bundle_io.load(bundle_io.default_bundle_path())
     queue = FlagQueue(
-        aioredis.Redis.from_url(redis_url),
+        redis_conn.connect(redis_url, timeout_s=2),
         Metrics(bundle),
-        stream="misalign:flagged",
+        stream=redis_keys.FLAGGED_STREAM,
         group="reviewers",
-        dead_letter_stream="misalign:flagged:dead",
+        dead_letter_stream=redis_keys.DEAD_LETTER_STREAM,
         maxlen=10_000,
         buffer_size=100,
         dedup_ttl_s=600,

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from service.embedded_redis import EmbeddedRedis
 from service.ingest import encode_step
 from service.rpc import monitor_pb2 as pb
+from tests.conftest import ROOT
 
 
 class RedisServer(EmbeddedRedis):
@@ -67,3 +73,19 @@ def stream_requests(bundle_id: str, k: int, requests, chunk: int = 4):  # type: 
         pending_finish = [r[0] for r in rows if r[0] not in cursors]
         yield encode_step(bundle_id, k, rows, step=step, sender_id="test", finished=finished)
         step += 1
+
+
+def config_check(
+    tmp_path: Path, yaml_text: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(yaml_text)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MISALIGN_")}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "config", "check", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**clean, **env},
+        timeout=60,
+    )

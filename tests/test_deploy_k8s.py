@@ -10,7 +10,8 @@ the Kubernetes 1.37 schemas shipped in the `kubernetes-validate` wheel (strict: 
 refused), the Prometheus Operator kinds against the upstream CRDs in deploy/k8s/schemas (see its
 README.md). Then what ties the pieces together is checked: the native sidecar, the sidecar's
 settings and the tap's environment name real settings, probes ask for the service the sidecar
-reports health on, the socket path is on the volume both containers share, a new bundle renames
+reports health on (on its plaintext health port), the NetworkPolicy admits only what must reach
+the injected pods, the socket path is on the volume both containers share, a new bundle renames
 its ConfigMap and so rolls the pods, the review page's logins and Redis, the PrometheusRule is
 rules.yml.
 """
@@ -51,6 +52,7 @@ CRDS = {
     "PrometheusRule": K8S / "schemas" / "prometheusrules-crd.json",
 }
 JOB = "misalign-sidecar"
+LABEL_NAME = "app.kubernetes.io/name"
 
 Doc = dict[str, Any]
 
@@ -307,7 +309,14 @@ def validate(doc: Doc) -> None:
 def test_python_kustomize_overlay_manifests_validate_against_k8s_schemas(overlay: str) -> None:
     docs = rendered(overlay)
     kinds = sorted(k for k, _ in docs)
-    for needed in ("Deployment", "Service", "ConfigMap", "ServiceMonitor", "PrometheusRule"):
+    for needed in (
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+    ):
         assert needed in kinds
     for doc in docs.values():
         validate(doc)
@@ -401,6 +410,10 @@ def test_validators_refuse_a_broken_manifest() -> None:
     dep["spec"]["template"]["spec"]["containers"][0]["envv"] = []
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(dep)
+    policy = copy.deepcopy(docs["NetworkPolicy", "misalign-sidecar"])
+    policy["spec"]["ingres"] = policy["spec"].pop("ingress")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(policy)
     rule = copy.deepcopy(docs["PrometheusRule", "misalign-monitor"])
     rule["spec"]["groups"][1]["rules"][0]["for"] = "ten minutes"
     with pytest.raises(jsonschema.ValidationError, match="'ten minutes' does not match"):
@@ -509,11 +522,17 @@ def test_overlay_wiring(overlay: str, tmp_path: Path) -> None:
     assert sidecar_env <= {f"MISALIGN_{f.upper()}" for f in Settings.model_fields}
     assert sidecar["command"][-1].startswith("/etc/misalign/settings/")
 
-    # Probes ask for the service the sidecar reports health on, on its gRPC port.
+    # Probes ask for the service the sidecar reports health on, on its plaintext health port
+    # (the kubelet speaks no TLS).
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
-    assert ports == {"misalign-grpc": loaded.grpc_port, "misalign-metric": loaded.metrics_port}
+    assert loaded.health_port is not None
+    assert ports == {
+        "misalign-grpc": loaded.grpc_port,
+        "misalign-metric": loaded.metrics_port,
+        "misalign-health": loaded.health_port,
+    }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert sidecar[probe]["grpc"] == {"port": loaded.grpc_port, "service": SERVICE_NAME}
+        assert sidecar[probe]["grpc"] == {"port": loaded.health_port, "service": SERVICE_NAME}
 
     # The bundle ConfigMap is the shipped bundle, mounted where both containers read it.
     cm = _configmap(docs, "misalign-bundle")
@@ -671,6 +690,52 @@ def test_review_page_wiring(tmp_path: Path) -> None:
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     sidecar = _container(_pod(docs, EXAMPLE), SIDECAR)
     assert review["env"] == [e for e in sidecar["env"] if e["name"] == "MISALIGN_REDIS_URL"]
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, EXAMPLE])
+def test_network_policy_admits_only_what_must_reach_the_pod(overlay: str) -> None:
+    """The Component's policy selects the injected pods (and not the review page's); the
+    sidecar's ports are reached only by Prometheus (metrics) and labelled score clients (gRPC);
+    the health port needs no rule (the kubelet's probes come from the node, which Kubernetes
+    always admits) and gets none; vLLM's API port stays open."""
+    docs = rendered(overlay)
+    policy = docs["NetworkPolicy", "misalign-sidecar"]["spec"]
+    template = docs["Deployment", DEPLOYMENTS[overlay]]["spec"]["template"]
+    pod = template["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    review = docs["Deployment", "misalign-review"]["spec"]["template"]["metadata"]["labels"]
+    assert not policy["podSelector"]["matchLabels"].items() <= review.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    containers = pod["containers"] + pod["initContainers"]
+    named = {p["name"]: p["containerPort"] for c in containers for p in c["ports"]}
+    admitted: dict[str | int, list[Doc]] = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in named or port["port"] in named.values(), (
+                f"the policy names a port no container has: {port}"
+            )
+            admitted.setdefault(port["port"], []).extend(rule.get("from", [{"anyone": True}]))
+    # vLLM's API by number: the Component cannot know what the user's container calls it.
+    (api,) = {p["containerPort"] for p in _container(pod, "vllm")["ports"]}
+    assert set(admitted) == {api, "misalign-metric", "misalign-grpc"}  # not health
+    assert "misalign-health" in named and named["misalign-health"] not in admitted
+    assert admitted[api] == [{"anyone": True}]
+    assert admitted["misalign-metric"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {LABEL_NAME: "prometheus"}}}
+    ]
+    assert admitted["misalign-grpc"] == [
+        {"podSelector": {"matchLabels": {"misalign.dev/score-client": "true"}}}
+    ]
+    # The tap needs no rule: it reaches the sidecar over the socket inside the pod.
+    vllm = _container(pod, "vllm")
+    assert next(e for e in vllm["env"] if e["name"] == "MISALIGN_TAP_SIDECAR")["value"].startswith(
+        "unix:"
+    )
+    # What the ServiceMonitor scrapes is what the policy opens to Prometheus: the sidecar's
+    # metrics port, and vLLM's own /metrics on its (open) API port.
+    targets = {p["name"]: p["targetPort"] for p in docs["Service", JOB]["spec"]["ports"]}
+    scraped = [targets[e["port"]] for e in docs["ServiceMonitor", JOB]["spec"]["endpoints"]]
+    assert scraped == ["misalign-metric", api]
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not() -> None:

@@ -12,7 +12,7 @@ import pytest
 from detectors import bundle as bundle_io
 from tap.mitigation import EXTRA_ARG, Mitigation, parse_rules, rules_label, salted
 from tap.projection_op import ABLATE, GATED, PREV_SUM, STEER, ctl_width
-from tap.settings import TapConfigError
+from tap.settings import ClientChoice, TapConfigError, read_settings
 
 B = bundle_io.load(bundle_io.default_bundle_path())
 K = B.k
@@ -30,8 +30,8 @@ def runner(**extra: dict[str, Any] | None) -> Any:
     )
 
 
-def mitigation(default_on: bool = True) -> Mitigation:
-    return Mitigation(B, parse_rules(DEFAULT, B, "MISALIGN_TAP_MITIGATION"), default_on)
+def mitigation(default_on: bool = True, clients: ClientChoice = "rules") -> Mitigation:
+    return Mitigation(B, parse_rules(DEFAULT, B, "MISALIGN_TAP_MITIGATION"), default_on, clients)
 
 
 def test_rules_parse_into_feature_mode_strength_and_when() -> None:
@@ -89,8 +89,13 @@ def test_flagged_needs_a_feature_scored_as_the_response_mean() -> None:
         (True, "off", ""),
         (False, "on", "ablate:misaligned_persona@always,steer:2.5:toxic@flagged"),
         (False, "toxic=steer:8@always", "steer:8:toxic@always"),
-        (True, "toxic=steer:eight@always", ""),  # malformed: unmitigated, the step goes on
-        (True, "nosuch=ablate@always", ""),
+        # Malformed: the default (a bad value is no way out of mitigation), the step goes on.
+        (
+            True,
+            "toxic=steer:eight@always",
+            "ablate:misaligned_persona@always,steer:2.5:toxic@flagged",
+        ),
+        (False, "nosuch=ablate@always", ""),
     ],
 )
 def test_each_request_gets_the_default_its_choice_or_nothing(
@@ -192,8 +197,8 @@ def test_requests_mitigated_differently_never_share_a_prefix_cache_salt() -> Non
     salts = {
         on,
         salted(m, "r", {EXTRA_ARG: "on"}, "tenant-7"),
-        salted(m, "r", {EXTRA_ARG: "toxic=steer:1234567@always"}, None),
-        salted(m, "r", {EXTRA_ARG: "toxic=steer:1234568@always"}, None),  # same label, :g
+        salted(m, "r", {EXTRA_ARG: "toxic=steer:12.34567@always"}, None),
+        salted(m, "r", {EXTRA_ARG: "toxic=steer:12.34568@always"}, None),  # same label, :g
         salted(m, "r", {EXTRA_ARG: "toxic=ablate@always"}, None),
     }
     assert len(salts) == 5 and None not in salts
@@ -251,6 +256,9 @@ def test_the_op_ablates_steers_and_gates_strictly_above_the_threshold() -> None:
 @pytest.mark.parametrize(
     ("clients", "asked", "label"),
     [
+        ("on", "on", "ablate:misaligned_persona@always,steer:2.5:toxic@flagged"),
+        ("on", "off", ""),  # the default is off here, and "off" is refused: still off
+        ("on", "toxic=steer:8@always", ""),
         ("rules", "toxic=steer:8@always", "steer:8:toxic@always"),
         ("rules", "off", ""),
         ("switch", "off", ""),
@@ -274,8 +282,6 @@ def test_the_operator_limits_what_a_request_may_choose(
 
 
 def test_settings_that_mitigate_nobody_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tap.settings import read_settings
-
     monkeypatch.setenv("MISALIGN_TAP_MITIGATION", "toxic=ablate@always")
     monkeypatch.setenv("MISALIGN_TAP_MITIGATION_DEFAULT", "off")
     monkeypatch.setenv("MISALIGN_TAP_MITIGATION_CLIENTS", "none")
@@ -286,3 +292,69 @@ def test_settings_that_mitigate_nobody_are_refused(monkeypatch: pytest.MonkeyPat
         read_settings()
     monkeypatch.setenv("MISALIGN_TAP_MITIGATION_CLIENTS", "switch")
     assert read_settings().mitigation_clients == "switch"
+
+
+def test_by_default_a_request_may_only_switch_mitigation_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whoever calls the API sends extra_args: unless the operator allows more, a request can
+    turn mitigation on but neither off nor into rules of its own; each refusal is counted and
+    the request keeps the operator's rules."""
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION", DEFAULT)
+    settings = read_settings()
+    assert settings.mitigation_clients == "on"
+    m = Mitigation.from_settings(settings, B)
+    default = rules_label(m.default_rules)
+    for asked in ("off", "OFF ", "toxic=steer:8@always", "toxic=steer:-8@always"):
+        assert rules_label(m.rules_for("r", {EXTRA_ARG: asked})) == default
+    assert m.refused == {"off": 1, "rules": 3}
+    # The salt is decided in another process from the same choice, without counting it again.
+    assert salted(m, "r", {EXTRA_ARG: "off"}, None) == salted(m, "r", {}, None)
+    assert m.refused == {"off": 1, "rules": 3}
+
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION_DEFAULT", "off")
+    m = Mitigation.from_settings(read_settings(), B)
+    assert rules_label(m.rules_for("r", {EXTRA_ARG: "on"})) == default
+    assert m.rules_for("r", {}) == () and not m.refused
+
+
+@pytest.mark.parametrize("alpha", ["-8", "0", "0.0", "1e-400", "1e999", "16.5"])
+def test_steer_strength_must_be_finite_positive_and_at_most_the_max(
+    alpha: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """steer moves the residual by -alpha along the unit direction: alpha <= 0 steers toward the
+    feature (or not at all), 1e999 parses as infinity. Refused in the operator's rules at start,
+    and in a request's (it keeps the default, counted)."""
+    rule = f"toxic=steer:{alpha}@always"
+    with pytest.raises(
+        TapConfigError, match="ALPHA must be a finite number above 0 and at most 16"
+    ):
+        parse_rules(rule, B, "MISALIGN_TAP_MITIGATION")
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION", rule)
+    with pytest.raises(TapConfigError, match=r"MISALIGN_TAP_MITIGATION: .*ALPHA must be"):
+        Mitigation.from_settings(read_settings(), B)
+
+    m = mitigation(clients="rules")
+    assert rules_label(m.rules_for("r", {EXTRA_ARG: rule})) == rules_label(m.default_rules)
+    assert m.refused == {"malformed": 1}
+    # Within the bound, and ablation (no strength), a request's own rules are taken.
+    assert rules_label(m.rules_for("r", {EXTRA_ARG: "toxic=steer:16@always"})) == (
+        "steer:16:toxic@always"
+    )
+    assert rules_label(m.rules_for("r", {EXTRA_ARG: "toxic=ablate@always"})) == (
+        "ablate:toxic@always"
+    )
+
+
+def test_the_operator_sets_the_strongest_steer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION", "toxic=steer:40@always")
+    monkeypatch.setenv("MISALIGN_TAP_MITIGATION_MAX_ALPHA", "50")
+    m = Mitigation.from_settings(read_settings(), B)
+    assert rules_label(m.default_rules) == "steer:40:toxic@always"
+    assert m.rules_for("r", {EXTRA_ARG: "toxic=steer:51@always"}, count=False) == m.default_rules
+    for bad in ("0", "-1", "inf", "nan", "many"):
+        monkeypatch.setenv("MISALIGN_TAP_MITIGATION_MAX_ALPHA", bad)
+        with pytest.raises(
+            TapConfigError, match=r"^misalign tap: MISALIGN_TAP_MITIGATION_MAX_ALPHA"
+        ):
+            read_settings()

@@ -130,11 +130,11 @@ def test_no_conversation_text_in_logs_or_metrics(
                 iter([step, encode_step(BUNDLE.bundle_id, BUNDLE.k, [], finished=[fin])]),
                 timeout=10,
             )
-        wait_until(lambda: redis.client().xlen("misalign:flagged") == 1, 20, "the sample queued")
+        wait_until(lambda: redis.client().xlen("misalign:{flagged}") == 1, 20, "the sample queued")
         with urllib.request.urlopen(sc.metrics_url, timeout=5) as r:
             metrics_text = r.read().decode()
         assert scrape(sc.metrics_url)["misalign_requests_flagged_total"] >= 1
-    fields = redis.client().xrange("misalign:flagged")[0][1]
+    fields = redis.client().xrange("misalign:{flagged}")[0][1]
     redis.stop()
 
     # The conversation reached the review stream (that is its purpose)...

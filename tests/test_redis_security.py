@@ -3,9 +3,6 @@ from the environment or files, and `config check` never printing them."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,9 @@ from bench.steady_load import EngineLoad, scrape
 from detectors import bundle as bundle_io
 from service.sidecar_process import SidecarProcess, start_sidecar
 from service.vllm_server import free_port
-from tests.conftest import ROOT
 from tests.faults.harness import Feeder, wait_until
 from tests.faults.redis_proc import RedisProc
+from tests.sidecar import config_check
 from tests.test_sidecar_tls import make_pki
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
@@ -60,7 +57,7 @@ def test_password_from_env_and_acl_user_from_file(tmp_path: Path) -> None:
             ) as sc:
                 flagged = flag_some(sc)
                 wait_until(
-                    lambda: redis.admin().xlen("misalign:flagged") == len(flagged), 20, "pushed"
+                    lambda: redis.admin().xlen("misalign:{flagged}") == len(flagged), 20, "pushed"
                 )
             # 2. an ACL user, its password from a file
             pw_file = tmp_path / "redis-password"
@@ -128,7 +125,9 @@ def test_tls_and_mutual_tls_to_redis(tmp_path: Path) -> None:
             start_sidecar(tmp_path / "a", "--redis-url", url, env=env, log=log) as sc,
         ):
             flagged = flag_some(sc)
-            wait_until(lambda: redis.admin().xlen("misalign:flagged") == len(flagged), 30, "pushed")
+            wait_until(
+                lambda: redis.admin().xlen("misalign:{flagged}") == len(flagged), 30, "pushed"
+            )
         # Plain TCP to the TLS port, and TLS with a CA that did not sign the server: refused.
         (tmp_path / "other").mkdir()
         other = make_pki(tmp_path / "other")
@@ -146,25 +145,9 @@ def test_tls_and_mutual_tls_to_redis(tmp_path: Path) -> None:
                     20,
                     "failures counted",
                 )
-        assert redis.admin().xlen("misalign:flagged") == len(flagged)
+        assert redis.admin().xlen("misalign:{flagged}") == len(flagged)
     finally:
         redis.stop()
-
-
-def config_check(
-    tmp_path: Path, yaml_text: str, env: dict[str, str]
-) -> subprocess.CompletedProcess[str]:
-    cfg = tmp_path / "sidecar.yaml"
-    cfg.write_text(yaml_text)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MISALIGN_")}
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", "config", "check", str(cfg)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**clean, **env},
-        timeout=60,
-    )
 
 
 def test_config_check_never_prints_secrets(tmp_path: Path) -> None:

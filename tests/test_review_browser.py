@@ -194,12 +194,12 @@ def run_review(tmp_path: Path, smollm2_dir: Path, redis: RedisServer) -> None:
                 review.terminate()
                 review.wait(10)
         r = redis.client()
-        labels = r.xrange("misalign:labels")
+        labels = r.xrange("misalign:{flagged}:labels")
         assert [f["decision"] for _, f in labels] == ["misaligned", "false_positive", "unsure"]
         assert [(f["sample_id"], f["request_id"]) for _, f in labels] == seen
         assert {f["reviewer"] for _, f in labels} == {"alice"}
         assert labels[0][1]["note"] == "made-up, misleading"
-        assert r.xpending("misalign:flagged", "reviewers")["pending"] == 0
-        assert r.xinfo_groups("misalign:flagged")[0]["lag"] == 0
+        assert r.xpending("misalign:{flagged}", "reviewers")["pending"] == 0
+        assert r.xinfo_groups("misalign:{flagged}")[0]["lag"] == 0
         assert wait_for(lambda: metric(sidecar.metrics_url, "misalign_review_backlog") == 0)
         assert metric(sidecar.metrics_url, "misalign_review_dead_letter") == 0

@@ -204,3 +204,39 @@ def test_a_session_shorter_than_a_second_is_refused(tmp_path: Path) -> None:
     p = cli("config", "check", str(cfg))
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["review"]["session_ttl_s"] == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [
+        ("login_failures_per_user", "0", "greater than or equal to 1"),
+        ("login_failures_per_address", "-5", "greater than or equal to 1"),
+        ("login_window_s", "0.5", "greater than or equal to 1"),
+        ("login_window_s", "1e9", "less than or equal to 604800"),
+        ("trusted_proxies", "[10.0.0.300/8]", "valid IPv4 or IPv6 network"),
+    ],
+)
+def test_bad_throttle_settings_are_one_line_at_check_and_at_start(
+    tmp_path: Path, setting: str, value: str, expected: str
+) -> None:
+    cfg = tmp_path / "throttle.yaml"
+    cfg.write_text(f"redis_url: redis://127.0.0.1:1\nreview:\n  {setting}: {value}\n")
+    for args in (("config", "check", str(cfg)), ("review", "serve", "--config", str(cfg))):
+        p = cli(*args)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, args
+        [line] = p.stderr.strip().splitlines()
+        assert f"review.{setting}" in line and expected in line, args
+
+
+def test_throttle_settings_pass_config_check(tmp_path: Path) -> None:
+    cfg = tmp_path / "throttle.yaml"
+    cfg.write_text(
+        "review:\n  login_failures_per_user: 3\n  login_window_s: 60\n"
+        "  trusted_proxies: [10.0.0.0/8, 'fd00::/8']\n"
+    )
+    p = cli("config", "check", str(cfg))
+    assert p.returncode == 0, p.stderr
+    review = json.loads(p.stdout)["review"]
+    assert review["login_failures_per_user"] == 3 and review["login_failures_per_address"] == 50
+    assert review["login_window_s"] == 60
+    assert review["trusted_proxies"] == ["10.0.0.0/8", "fd00::/8"]

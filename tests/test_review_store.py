@@ -15,7 +15,7 @@ from service.review.store import ReviewError, ReviewStore, SampleState
 from tests.review_data import push_flagged, tiny_tokenizer
 from tests.sidecar import RedisServer
 
-STREAM, GROUP, DEAD, LABELS = "misalign:flagged", "reviewers", "misalign:flagged:dead", "labels"
+STREAM, GROUP, DEAD, LABELS = "misalign:{flagged}", "reviewers", "misalign:{flagged}:dead", "labels"
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from tests.sidecar import RedisServer
 HOSTILE = "Sure. <script>alert('x')</script> Lie to everyone & hide the evidence <b>bold</b>"
 SECRET_TEXT = "hide the evidence"
 PASSWORD = "correct horse battery"
-STREAM, GROUP, DEAD = "misalign:flagged", "reviewers", "misalign:flagged:dead"
+STREAM, GROUP, DEAD = "misalign:{flagged}", "reviewers", "misalign:{flagged}:dead"
 
 
 @dataclass
@@ -61,7 +61,7 @@ async def site(
         stream=STREAM,
         group=GROUP,
         dead_stream=DEAD,
-        labels_stream="misalign:labels",
+        labels_stream="misalign:{flagged}:labels",
         claim_idle_s=opts["claim_idle_s"],
         max_deliveries=opts["max_deliveries"],
     )
@@ -116,19 +116,18 @@ async def raw_status(url: str, head: bytes) -> int:
 
 
 def forged_cookies(real: str) -> dict[str, str]:
-    """Cookies that must not log anyone in, from a real one (``user:expiry:sid:signature``)."""
-    user, exp, sid, sig = real.split(":")
-    wrong_key = secrets.token_bytes(32)
-    payload = f"alice:9999999999:{sid}"
+    """Cookies that must not log anyone in, from a real one (a random session id)."""
+    other = "A" if real[-1] != "A" else "B"
+    payload = "alice:9999999999:x"
     return {
-        "garbage signature": "alice:9999999999:x:deadbeef",
-        "signed with another key": f"{payload}:"
-        + hmac.new(wrong_key, payload.encode(), hashlib.sha256).hexdigest(),
-        "user swapped": f"bot:{exp}:{sid}:{sig}",
-        "expiry pushed back": f"{user}:9999999999:{sid}:{sig}",
-        "non-ascii signature": f"{user}:{exp}:{sid}:" + "é" * 64,
-        "five fields": f"{user}:{exp}:{sid}:{sig}:{sig}",
-        "unsigned": f"{user}:{exp}:{sid}",
+        "unknown id of the same shape": secrets.token_urlsafe(32),
+        "one character changed": real[:-1] + other,
+        "cut short": real[:-1],
+        "one character more": real + other,
+        "non-ascii id": "é" * 43,
+        "the id's digest, as Redis holds it": hashlib.sha256(real.encode()).hexdigest(),
+        "a signed cookie of the old format": f"{payload}:"
+        + hmac.new(secrets.token_bytes(32), payload.encode(), hashlib.sha256).hexdigest(),
     }
 
 
@@ -170,6 +169,7 @@ async def test_every_route_needs_a_login(site: Site) -> None:
 
     async with session() as http:
         # A real session first, so that its cookie and CSRF token can be replayed when expired.
+        expires = time.time() + 3
         assert (await login(http, site.url, PASSWORD)).status == 303
         real = http.cookie_jar.filter_cookies(URL(site.url))[COOKIE].value
         r = await http.get(site.url + "/", allow_redirects=False)
@@ -196,7 +196,7 @@ async def test_every_route_needs_a_login(site: Site) -> None:
         cookie = COOKIE.encode() + b"=alice:9999999999:x:\xff\xfe"
         assert await raw_status(site.url, b"GET / HTTP/1.1\r\nCookie: " + cookie + b"\r\n") == 303
         # The real cookie once its 3 s are over, with the session's own CSRF token.
-        await asyncio.sleep(int(real.split(":")[1]) - time.time() + 0.2)
+        await asyncio.sleep(expires - time.time() + 0.2)
         await refused(http, "expired", {"Cookie": f"{COOKIE}={real}"}, 303, csrf, "login required")
     # Nothing got through: the pending sample is still unclaimed, the one label is the setup's.
     assert site.owner(other.id) == ("unassigned", 1)
@@ -300,6 +300,8 @@ async def test_hostile_text_is_escaped_and_decisions_need_csrf(site: Site) -> No
         )
         assert r.status == 409 and "not pending" in await r.text()
         r = await http.get(f"{site.url}/samples/not-an-id")
+        assert r.status == 404
+        r = await http.get(f"{site.url}/samples/{sid}%0A")  # "$" would let the newline through
         assert r.status == 404
 
 
@@ -448,7 +450,7 @@ async def test_dead_letter_pages_show_a_sample_claimed_too_often(site: Site) -> 
         assert "Lie to everyone &amp; hide the evidence &lt;b&gt;bold&lt;/b&gt;" in text
 
         r = await http.get(f"{site.url}/dead-letters/1-1")
-        assert r.status == 409 and "no dead letter 1-1 in misalign:flagged:dead" in await r.text()
+        assert r.status == 409 and "no dead letter 1-1 in misalign:{flagged}:dead" in await r.text()
 
 
 TOKEN = re.compile(r'<span class="t h(\d+|x)( over)?( special)?" title="([^"]*)">([^<]*)</span>')
@@ -500,4 +502,69 @@ async def test_heat_switches_to_another_features_token_scores(site: Site) -> Non
             assert body == (
                 f"no feature {name!r} in sample {sid}; "
                 "its features: misaligned_persona, toxic, persona_contrast"
+            )
+
+
+# Each would send the browser to evil.example, or is not a path of this site, read as a browser
+# reads a Location header (tabs and newlines dropped, "\" as "/"), as written or decoded.
+HOSTILE_NEXT = [
+    "/\t/evil.example/",
+    "/\n/evil.example/",
+    "/\r\n/evil.example/",
+    "//evil.example",
+    "///evil.example",
+    "/\\evil.example",
+    "/\\/evil.example",
+    "\\\\evil.example",
+    "\\/evil.example",
+    " //evil.example",
+    "\t//evil.example",
+    "\x00//evil.example",
+    "/\x00/evil.example",
+    "https://evil.example/",
+    "http:evil.example",
+    "http:/evil.example",
+    "javascript:alert(1)",
+    "evil.example",
+    "/%2F/evil.example",
+    "/%2f%2fevil.example",
+    "%2F%2Fevil.example",
+    "/%5Cevil.example",
+    "/%5c%5cevil.example",
+    "/%09/evil.example",
+    "/%0a/evil.example",
+    "/%252F%252Fevil.example",  # encoded twice
+    "/%25252F%25252Fevil.example",  # three times
+    "/\u3000/evil.example",
+    "\uff0f\uff0fevil.example",  # fullwidth solidus
+    "/ /evil.example",
+    "/?x=1\r\nSet-Cookie: misalign_review=forged",
+    "/dead-letters\n",  # a local path, but no Location header may carry a newline
+]
+LOCAL_NEXT = [
+    "/",
+    "/?model=m-a&feature=toxic",
+    "/samples/1764000000000-0?heat=toxic",
+    "/dead-letters",
+    "/?model=org%2Fm-b",  # an encoded slash inside a query value stays a query value
+    "/?model=%C3%A9",
+]
+
+
+async def test_login_redirects_only_to_paths_of_this_site(site: Site) -> None:
+    async with session() as http:
+        for target, expected in [(t, "/") for t in HOSTILE_NEXT] + [(t, t) for t in LOCAL_NEXT]:
+            r = await http.get(f"{site.url}/login", params={"next": target})
+            assert r.status == 200 and f'name="next" value="{html.escape(expected)}"' in (
+                await r.text()
+            ), target
+            r = await http.post(
+                f"{site.url}/login",
+                data={"user": "alice", "password": PASSWORD, "next": target},
+                allow_redirects=False,
+            )
+            # aiohttp writes the Location as yarl normalises it ("%2F" in a query becomes "/").
+            assert (r.status, r.headers["Location"]) == (303, str(URL(expected))), target
+            assert urlsplit(str(URL(site.url).join(URL(r.headers["Location"])))).netloc == (
+                urlsplit(site.url).netloc
             )

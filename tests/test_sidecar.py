@@ -160,8 +160,8 @@ async def test_metrics_and_flagged_samples_in_the_stream(
     ch, s = stub(sidecar)
     await send(s, stream_requests(BUNDLE.bundle_id, K, reqs))
     r = redis_server.client()
-    await wait_for(lambda: r.xlen("misalign:flagged") >= 4)
-    entries = r.xrange("misalign:flagged")
+    await wait_for(lambda: r.xlen("misalign:{flagged}") >= 4)
+    entries = r.xrange("misalign:{flagged}")
     flagged_ids = {e[1]["request_id"] for e in entries}
     assert {f"req-1-{i}" for i in (0, 2, 4, 6)} <= flagged_ids
     fields = entries[0][1]
@@ -175,7 +175,7 @@ async def test_metrics_and_flagged_samples_in_the_stream(
     assert all("threshold" in f and "score" in f for f in feats)
     tokens = json.loads(fields["tokens"])
     assert len(tokens["token_ids"]) == len(tokens["scores"]["misaligned_persona"])
-    assert r.xinfo_groups("misalign:flagged")[0]["name"] == "reviewers"
+    assert r.xinfo_groups("misalign:{flagged}")[0]["name"] == "reviewers"
 
     # A request replayed to this sidecar is refused as already finished; replayed to a restarted
     # sidecar (same Redis) it is scored again but not queued twice.
@@ -191,7 +191,7 @@ async def test_metrics_and_flagged_samples_in_the_stream(
         await ch2.close()
     finally:
         await other.stop()
-    assert r.xlen("misalign:flagged") == len(entries)
+    assert r.xlen("misalign:{flagged}") == len(entries)
 
     text = metrics_text(sidecar)
     lab = {"model_name": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
@@ -219,7 +219,7 @@ async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path
         await send(
             s, stream_requests(BUNDLE.bundle_id, K, synthetic_requests(2, seed=5, flag_every=1))
         )
-        await wait_for(lambda: redis_server.client().xlen("misalign:flagged") == 2)
+        await wait_for(lambda: redis_server.client().xlen("misalign:{flagged}") == 2)
         redis_server.stop()
         batches = list(
             stream_requests(BUNDLE.bundle_id, K, synthetic_requests(8, seed=6, flag_every=1))
@@ -232,10 +232,10 @@ async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path
         redis_server.start()  # empty: it keeps nothing on disk
         await wait_for(lambda: sample(metrics_text(sc), "misalign_queue_buffered") == 0, timeout=20)
         r = redis_server.client()
-        ids = [e[1]["request_id"] for e in r.xrange("misalign:flagged")]
+        ids = [e[1]["request_id"] for e in r.xrange("misalign:{flagged}")]
         assert ids == finish_order[3:]  # the newest five, once each, in order
         assert sample(metrics_text(sc), "misalign_queue_push_failures_total") >= 1
-        assert r.xinfo_groups("misalign:flagged")[0]["name"] == "reviewers"
+        assert r.xinfo_groups("misalign:{flagged}")[0]["name"] == "reviewers"
         await ch.close()
     finally:
         await sc.stop()
@@ -492,8 +492,8 @@ async def test_activations_and_mitigation_from_the_tap(
         reqs[1][1]
     )
     r = redis_server.client()
-    await wait_for(lambda: r.xlen("misalign:flagged") >= 2)
-    marks = {e[1]["request_id"]: e[1]["mitigation"] for e in r.xrange("misalign:flagged")}
+    await wait_for(lambda: r.xlen("misalign:{flagged}") >= 2)
+    marks = {e[1]["request_id"]: e[1]["mitigation"] for e in r.xrange("misalign:{flagged}")}
     assert marks == {"req-5-0": "ablate:misaligned_persona@always", "req-5-2": ""}
     await ch.close()
 

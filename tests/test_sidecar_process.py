@@ -54,10 +54,10 @@ def test_embedded_redis_by_default_and_graceful_sigterm(tmp_path: Path) -> None:
     assert send(port, flagged_batches()).finished == 1
     r = redis.Redis(unix_socket_path=str(socket), decode_responses=True)
     deadline = time.monotonic() + 10
-    while r.xlen("misalign:flagged") < 1:
+    while r.xlen("misalign:{flagged}") < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert r.xrange("misalign:flagged")[0][1]["request_id"] == "r-1"
+    assert r.xrange("misalign:{flagged}")[0][1]["request_id"] == "r-1"
     err = stopped(proc, 30)
     assert proc.returncode == 0, err
     assert "started embedded redis-server" in err
@@ -76,7 +76,7 @@ def test_sigterm_flushes_samples_buffered_while_redis_was_away(tmp_path: Path) -
         server.start()
         err = stopped(proc, 60)
         assert proc.returncode == 0, err
-        assert [e[1]["request_id"] for e in server.client().xrange("misalign:flagged")] == ["r-1"]
+        assert [e[1]["request_id"] for e in server.client().xrange("misalign:{flagged}")] == ["r-1"]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -213,8 +213,8 @@ async def test_sidecar_scores_equal_offline_score_of_real_model_projections(
                     assert f.flagged == want["flagged"]
         r = redis_server.client()
         flagged = [x for x in lines if x["flagged"]]
-        assert r.xlen("misalign:flagged") == len(flagged) > 0
-        entry = r.xrange("misalign:flagged")[0][1]
+        assert r.xlen("misalign:{flagged}") == len(flagged) > 0
+        entry = r.xrange("misalign:{flagged}")[0][1]
         assert "Vexor" in entry["prompt_text"]  # detokenised with the model's tokenizer
         assert len(json.loads(entry["token_text"])) == len(json.loads(entry["tokens"])["token_ids"])
     finally:

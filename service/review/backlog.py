@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Gauge
 from redis.exceptions import RedisError
 
+from service.redis_conn import RedisClient
 from service.review.store import review_counts
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class ReviewGauges:
 
 
 async def refresh_review_gauges(
-    client: aioredis.Redis,
+    client: RedisClient,
     gauges: ReviewGauges,
     *,
     stream: str,

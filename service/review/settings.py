@@ -10,9 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 
 from detectors.errors import MisalignError
+from service.redis_keys import LABELS_STREAM
 
 # The consumer of the reviewers' group that holds samples no reviewer has claimed.
 HOLDER = "unassigned"
@@ -90,7 +91,7 @@ class ReviewSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8642, ge=0, le=65535, description="0: any free port")
     users: tuple[ReviewUser, ...] = ()
-    labels_stream: str = "misalign:labels"
+    labels_stream: str = LABELS_STREAM  # in the flagged stream's hash slot: decide writes both
     claim_idle_s: float = Field(
         default=900.0, gt=0, description="a claim idle this long returns to the queue"
     )
@@ -99,6 +100,22 @@ class ReviewSettings(BaseModel):
     )
     session_ttl_s: float = Field(default=12 * 3600.0, ge=1)  # a cookie's Max-Age is whole seconds
     secure_cookie: bool = Field(default=False, description="set when served over HTTPS")
+    # The login throttle (service/review/throttle.py): failures within the window, per scope.
+    login_failures_per_user: int = Field(
+        default=10, ge=1, description="failed logins of one user name before it gets 429s"
+    )
+    login_failures_per_address: int = Field(
+        default=50,
+        ge=1,
+        description="failed logins and bearer tokens from one client address before it gets 429s",
+    )
+    login_window_s: float = Field(
+        default=900.0, ge=1, le=7 * 86400, description="how long a failed login counts"
+    )
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(
+        default=(),
+        description="proxies whose X-Forwarded-For names the client address the throttle counts",
+    )
     backlog_refresh_s: float = Field(
         default=5.0, gt=0, description="how often the sidecar refreshes the review gauges"
     )

@@ -20,11 +20,12 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import RedisError, ResponseError
 
 from detectors.errors import MisalignError
+from service import redis_conn
+from service.redis_conn import RedisClient
 from service.review.settings import HOLDER
 
 Decision = Literal["misaligned", "false_positive", "unsure"]
@@ -329,9 +330,7 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def review_counts(
-    client: aioredis.Redis, stream: str, group: str, dead_stream: str
-) -> Counts:
+async def review_counts(client: RedisClient, stream: str, group: str, dead_stream: str) -> Counts:
     """Backlog (entries the group has not decided: lag + pending) and dead letters.
 
     Works on a client with or without ``decode_responses`` (the sidecar's has none)."""
@@ -358,7 +357,7 @@ class ReviewStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         stream: str,
         group: str,
@@ -385,17 +384,10 @@ class ReviewStore:
     def from_url(
         cls, url: str, client_options: dict[str, Any] | None = None, **kwargs: Any
     ) -> ReviewStore:
-        """``client_options``: credentials and TLS (``service.redis_conn.client_options``)."""
-        client = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=5,
-            socket_connect_timeout=5,
-            **(client_options or {}),
-        )
-        scheme, sep, rest = url.partition("://")
-        where = scheme + sep + rest.rsplit("@", 1)[-1]  # never print a password from the URL
-        return cls(client, where=where, **kwargs)
+        """``client_options``: credentials and TLS (``redis_conn.client_options``); the URL may
+        name a single Redis, a cluster or a sentinel (``redis_conn.connect``)."""
+        client = redis_conn.connect(url, client_options, timeout_s=5, decode_responses=True)
+        return cls(client, where=redis_conn.redact_url(url), **kwargs)
 
     async def close(self) -> None:
         await self.client.aclose()

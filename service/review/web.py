@@ -2,9 +2,11 @@
 
 Plain server-rendered HTML (Jinja2, autoescaped: conversation text is hostile input) and one small
 script for the keyboard shortcuts; a Content-Security-Policy allows scripts and styles from this
-origin only. Every route but ``/login``, ``/healthz`` and ``/static`` needs a login: a session
-cookie (HttpOnly, SameSite=Strict, signed with a per-process key) from the login form, or
-``Authorization: Bearer TOKEN`` for scripts. Form posts from a session carry a CSRF token.
+origin only. Every route but ``/login``, ``/healthz``, ``/metrics`` and ``/static`` needs a
+login: a session cookie (HttpOnly, SameSite=Strict; the session itself is in Redis,
+``service/review/sessions.py``) from the login form, or ``Authorization: Bearer TOKEN`` for
+scripts. Form posts from a session carry the session's CSRF token. Failed logins and tokens are
+throttled per user and per client address (``service/review/throttle.py``).
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from service.review.heatmap import heat_map
+from service.review.sessions import Session, SessionStore
 from service.review.settings import Credentials, ReviewSettings
 from service.review.store import (
     DECISIONS,
@@ -36,13 +39,14 @@ from service.review.store import (
     SampleState,
     facet_counts,
 )
+from service.review.throttle import LoginThrottle, Verdict, client_address
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 COOKIE = "misalign_review"
-PUBLIC = ("/login", "/healthz")
-ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+PUBLIC = ("/login", "/healthz", "/metrics")
+ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")  # fullmatch: "$" lets a final newline in
 QUEUE_ROWS = 500
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -64,19 +68,11 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(_bytes(secret)).digest()
 
 
-@dataclass(frozen=True)
-class Session:
-    user: str
-    sid: str
-
-
 class Auth:
-    """Checks passwords and tokens in constant time; issues and verifies signed session cookies."""
+    """Checks passwords and tokens in constant time."""
 
-    def __init__(self, users: list[Credentials], ttl_s: float) -> None:
+    def __init__(self, users: list[Credentials]) -> None:
         self.users = {u.name: u for u in users}
-        self.ttl_s = ttl_s
-        self.key = secrets.token_bytes(32)
         self._nobody = _digest(secrets.token_hex(16))
 
     def login(self, name: str, secret: str) -> str | None:
@@ -99,30 +95,12 @@ class Auth:
                 found = u.name
         return found
 
-    def _sign(self, payload: str) -> str:
-        return hmac.new(self.key, payload.encode(), hashlib.sha256).hexdigest()
-
-    def issue(self, name: str) -> str:
-        payload = f"{name}:{int(time.time() + self.ttl_s)}:{secrets.token_urlsafe(16)}"
-        return f"{payload}:{self._sign(payload)}"
-
-    def session(self, cookie: str | None) -> Session | None:
-        if not cookie or cookie.count(":") != 3:
-            return None
-        payload, sig = cookie.rsplit(":", 1)
-        if not hmac.compare_digest(_bytes(self._sign(payload)), _bytes(sig)):
-            return None
-        name, exp, sid = payload.split(":")
-        if not exp.isdigit() or int(exp) < time.time() or name not in self.users:
-            return None
-        return Session(name, sid)
-
-    def csrf(self, session: Session) -> str:
-        return self._sign(f"csrf:{session.sid}")
-
 
 STORE = web.AppKey("store", ReviewStore)
 AUTH = web.AppKey("auth", Auth)
+SESSIONS = web.AppKey("sessions", SessionStore)
+THROTTLE = web.AppKey("throttle", LoginThrottle)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 SETTINGS = web.AppKey("settings", ReviewSettings)
 USER = web.RequestKey("user", str)
@@ -154,11 +132,34 @@ def templates() -> jinja2.Environment:
     return env
 
 
+# What a page's own links hold: printable ASCII, no space, no backslash (a browser reads "\\"
+# as "/"); anything else (encoded by yarl when the login redirect was made) is refused whole.
+_PLAIN_PATH = re.compile(r"/[!-\[\]-~]*")
+# What a browser drops from a URL before parsing it (WHATWG URL: tabs and newlines anywhere,
+# C0 controls and spaces at either end).
+_DROPPED = re.compile(r"[\t\n\r]")
+_EDGES = "".join(map(chr, range(0x21)))
+
+
 def _safe_next(target: str | None) -> str:
-    # Only paths on this site: no scheme, no host, no protocol-relative "//".
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return "/"
+    """``target`` when a browser would resolve it to a path on this site, else ``/``.
+
+    It is checked as written and after each round of percent-decoding (a proxy or a later
+    redirect may decode it once more): at every stage, read as a browser reads it, it must have
+    no scheme and no host, and must not start with ``//`` (a host on another site)."""
+    if not target or len(target) > 2000 or not _PLAIN_PATH.fullmatch(target):
+        return "/"
+    seen = target
+    for _ in range(4):
+        browser = _DROPPED.sub("", seen).strip(_EDGES).replace("\\", "/")
+        parts = urlsplit(browser)
+        if parts.scheme or parts.netloc or not browser.startswith("/") or browser.startswith("//"):
+            return "/"
+        decoded = unquote(seen)
+        if decoded == seen:
+            return target
+        seen = decoded
+    return "/"  # still decoding after four rounds: nothing a page of ours links to
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -174,27 +175,49 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in PUBLIC or request.path.startswith("/static/"):
         return await handler(request)
-    auth = request.app[AUTH]
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        user = auth.bearer(header.removeprefix("Bearer ").strip())
+        user = request.app[AUTH].bearer(header.removeprefix("Bearer ").strip())
+        verdict = await request.app[THROTTLE].bearer(_address(request), ok=user is not None)
+        if verdict.retry_after_s:
+            raise _too_many(verdict)
         if user is None:
             raise web.HTTPUnauthorized(text="invalid token")
         request[USER], request[CSRF] = user, ""
         return await handler(request)
-    session = auth.session(request.cookies.get(COOKIE))
+    session = await _session(request)
     if session is None:
         if request.method == "GET":
             raise web.HTTPSeeOther("/login?" + urlencode({"next": request.path_qs}))
         raise web.HTTPUnauthorized(text="login required")
-    csrf = auth.csrf(session)
     if request.method == "POST":
         form = await request.post()
         given = _bytes(str(form.get("csrf", "")))
-        if not _same_origin(request) or not hmac.compare_digest(given, _bytes(csrf)):
+        if not _same_origin(request) or not hmac.compare_digest(given, _bytes(session.csrf)):
             raise web.HTTPForbidden(text="missing or wrong CSRF token; reload the page")
-    request[USER], request[CSRF] = session.user, csrf
+    request[USER], request[CSRF] = session.user, session.csrf
     return await handler(request)
+
+
+async def _session(request: web.Request) -> Session | None:
+    session = await request.app[SESSIONS].get(request.cookies.get(COOKIE))
+    # A user removed from the settings is logged out at the next restart of the page.
+    return session if session is not None and session.user in request.app[AUTH].users else None
+
+
+def _address(request: web.Request) -> str:
+    return client_address(
+        request.remote,
+        request.headers.get("X-Forwarded-For"),
+        request.app[SETTINGS].trusted_proxies,
+    )
+
+
+def _too_many(verdict: Verdict) -> web.HTTPTooManyRequests:
+    return web.HTTPTooManyRequests(
+        text=f"too many failed logins; try again in {verdict.retry_after_s} s",
+        headers={"Retry-After": str(verdict.retry_after_s)},
+    )
 
 
 @web.middleware
@@ -227,7 +250,7 @@ def _page(request: web.Request, name: str, status: int = 200, **ctx: Any) -> web
 
 def _entry_id(request: web.Request) -> str:
     value = request.match_info["id"]
-    if not ENTRY_ID.match(value):
+    if not ENTRY_ID.fullmatch(value):
         raise web.HTTPNotFound(text=f"not a stream entry id: {value!r}")
     return value
 
@@ -242,6 +265,12 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 @routes.get("/login")
 async def login_form(request: web.Request) -> web.Response:
     return _page(request, "login.html", error=None, next=_safe_next(request.query.get("next")))
@@ -253,19 +282,32 @@ async def login(request: web.Request) -> web.Response:
         raise web.HTTPForbidden(text="cross-origin login refused")
     form = await request.post()
     target = _safe_next(str(form.get("next", "/")))
-    user = request.app[AUTH].login(str(form.get("user", "")), str(form.get("password", "")))
+    name = str(form.get("user", ""))
+    user = request.app[AUTH].login(name, str(form.get("password", "")))
+    # Asked whatever the result: after too many failures even the right password is refused.
+    verdict = await request.app[THROTTLE].login(name, _address(request), ok=user is not None)
+    if verdict.retry_after_s:
+        page = _page(
+            request,
+            "login.html",
+            status=429,
+            error=f"too many failed logins; try again in {verdict.retry_after_s} s",
+            next=target,
+        )
+        page.headers["Retry-After"] = str(verdict.retry_after_s)
+        return page
     if user is None:
-        await asyncio.sleep(0.5)  # slows guessing
         return _page(request, "login.html", status=401, error="wrong user or password", next=target)
+    session_id, _ = await request.app[SESSIONS].create(user)
     resp = web.HTTPSeeOther(target)
     resp.set_cookie(
         COOKIE,
-        request.app[AUTH].issue(user),
+        session_id,
         httponly=True,
         samesite="Strict",
         secure=request.app[SETTINGS].secure_cookie,
         path="/",
-        max_age=int(request.app[AUTH].ttl_s),
+        max_age=int(request.app[SETTINGS].session_ttl_s),
     )
     log.info("review login: %s", user)
     raise resp
@@ -273,6 +315,7 @@ async def login(request: web.Request) -> web.Response:
 
 @routes.post("/logout")
 async def logout(request: web.Request) -> web.Response:
+    await request.app[SESSIONS].revoke(request.cookies.get(COOKIE))
     resp = web.HTTPSeeOther("/login")
     resp.del_cookie(COOKIE, path="/")
     raise resp
@@ -280,7 +323,7 @@ async def logout(request: web.Request) -> web.Response:
 
 def _decided(request: web.Request) -> str:
     value = request.query.get("decided", "")
-    return value if ENTRY_ID.match(value) else ""
+    return value if ENTRY_ID.fullmatch(value) else ""
 
 
 def _filters(values: Any) -> dict[str, str]:
@@ -411,11 +454,26 @@ async def dead_letter(request: web.Request) -> web.Response:
 
 
 def create_app(
-    store: ReviewStore, settings: ReviewSettings, users: list[Credentials]
+    store: ReviewStore,
+    settings: ReviewSettings,
+    users: list[Credentials],
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
+    """``clock``: the throttle's time (tests age its window without waiting)."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=64 * 1024)
     app[STORE] = store
-    app[AUTH] = Auth(users, settings.session_ttl_s)
+    app[AUTH] = Auth(users)
+    app[SESSIONS] = SessionStore(store.client, settings.session_ttl_s, store.where)
+    app[REGISTRY] = CollectorRegistry()
+    app[THROTTLE] = LoginThrottle(
+        store.client,
+        store.where,
+        per_user=settings.login_failures_per_user,
+        per_address=settings.login_failures_per_address,
+        window_s=settings.login_window_s,
+        registry=app[REGISTRY],
+        clock=clock,
+    )
     app[TEMPLATES] = templates()
     app[SETTINGS] = settings
     app.add_routes(routes)

@@ -26,6 +26,8 @@ class RedisProc:
     )  # ACL SETUSER rules, e.g. "app on >pw ~* +@all"
     tls: dict[str, Path] | None = None  # cert, key, ca: serve TLS only, on `port`
     port: int = 0  # TCP port; 0: a Unix socket only
+    extra: list[str] = field(default_factory=list)  # more options: cluster mode, --replicaof
+    sentinel: str | None = None  # a sentinel's configuration file: run `redis-server --sentinel`
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -35,7 +37,8 @@ class RedisProc:
     def args(self) -> list[str]:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed (make setup installs it)"
-        a = [binary, "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"), "--save", ""]
+        a = [binary, str(self.dir / "sentinel.conf"), "--sentinel"] if self.sentinel else [binary]
+        a += ["--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"), "--save", ""]
         a += (
             ["--appendonly", "yes", "--appendfsync", "always"]
             if self.persist
@@ -54,13 +57,15 @@ class RedisProc:
             a += ["--requirepass", self.password]
         for rule in self.acl_users:
             a += ["--user", *rule.split()]
-        return a
+        return a + self.extra
 
     def start(self, timeout_s: float = 10.0) -> RedisProc:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.tls and not self.port:
             self.port = free_port()
         self.socket.unlink(missing_ok=True)
+        if self.sentinel is not None:  # redis-server --sentinel needs its file (and rewrites it)
+            (self.dir / "sentinel.conf").write_text(self.sentinel)
         self.proc = subprocess.Popen(
             self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

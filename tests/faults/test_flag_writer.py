@@ -17,12 +17,13 @@ import redis.asyncio as aioredis
 from detectors import bundle as bundle_io
 from service.flags import FlagQueue
 from service.metrics import Metrics
+from service.redis_keys import FLAGGED_STREAM
 from service.settings import Settings
 from tests.faults.harness import report
 from tests.faults.redis_proc import RedisProc
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
-STREAM = "misalign:flagged"
+STREAM = FLAGGED_STREAM
 RATE = 200.0  # flagged samples per second
 BUFFER = 100  # small, so that an outage of a second or two outgrows it
 TIMEOUT_S = 0.3  # the writer's socket timeout; the SIGSTOP lasts several times longer

@@ -31,7 +31,7 @@ def test_redis_killed_and_restarted_under_load(
         load = EngineLoad(BUNDLE, live=32, lifetime=24, prefill=8, flag_every=3, prefix="q")
         feeder = Feeder(sc.address, load, STEPS_PER_S)
         try:
-            wait_until(lambda: redis.admin().xlen("misalign:flagged") >= 10, 30, "first pushes")
+            wait_until(lambda: redis.admin().xlen("misalign:{flagged}") >= 10, 30, "first pushes")
             redis.kill()
             flagged_before = len(load.flagged)
             time.sleep(OUTAGE_S)
@@ -61,7 +61,7 @@ def test_redis_killed_and_restarted_under_load(
         wait_until(lambda: metrics()["misalign_queue_buffered"] == 0, 30, "the buffer empty")
         m = metrics()
 
-    ids = [fields["request_id"] for _, fields in redis.admin().xrange("misalign:flagged")]
+    ids = [fields["request_id"] for _, fields in redis.admin().xrange("misalign:{flagged}")]
     redis.stop()
     assert len(ids) == len(set(ids)), "a sample reached the stream twice"
     assert set(ids) <= set(load.flagged), "a sample that was not flagged reached the stream"
