@@ -315,6 +315,8 @@ class SentinelPrimary(aioredis.Redis):
     FAILOVER`` the old primary is not down: it keeps taking writes until the sentinel makes it a
     replica (seconds later), and those writes are lost then. So commands re-ask at most every
     ``recheck_s``; when the answer changed, redis-py drops the connections to the old primary.
+    (What it took meanwhile no replica acknowledges, so the flag writer's ``WAIT`` keeps and
+    resends it: service/flags.py.)
     """
 
     recheck_s = 0.5
