@@ -11,6 +11,10 @@ Every sample ends either in the stream exactly once or counted in ``queue_droppe
 - A batch the writer has sent may have reached Redis even when the call failed (a timeout; a
   stopped Redis runs what waits in its socket later), so it is never dropped: it is sent again,
   as it is, until Redis answers for each sample.
+- With ``wait_replicas`` > 0 (a Sentinel-managed primary) the batch ends with ``WAIT``: a
+  sample counts as pushed only once that many replicas hold it. Until then the batch is kept and
+  sent again, so what a primary acknowledged just before a failover, and lost when it became a
+  replica, is written anew on the new primary (its dedup key was lost with it).
 - When the buffer is full the oldest sample not yet sent is dropped and counted (the new one if
   every place is held by the batch being sent).
 """
@@ -24,10 +28,12 @@ import json
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from detectors.errors import MisalignError
 from service.metrics import Metrics
 from service.redis_conn import ClusterClient, RedisClient
 from service.redis_keys import dedup_key
@@ -42,6 +48,9 @@ log = logging.getLogger(__name__)
 # disappears without a decision or a dead-letter entry.
 _ADD_ONCE = """
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
+  -- A write (value and TTL as they are) so that a WAIT after this call waits for the replicas
+  -- to reach this point, past the write that set the key: a resend then vouches for it.
+  redis.call('SET', KEYS[2], '1', 'KEEPTTL')
   return false
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
@@ -81,6 +90,18 @@ return id
 _BATCH_BYTES = 8 * 1024 * 1024
 
 
+class NotReplicatedError(MisalignError, RedisError):
+    """Fewer replicas than ``redis_wait_replicas`` acknowledged a batch: it is sent again."""
+
+
+@dataclass
+class _Sent:
+    fields: dict[str, str]
+    # The script appended it on an attempt whose WAIT fell short: a later "already there" answer
+    # is this write, not a duplicate.
+    wrote: bool = False
+
+
 class FlagQueue:
     def __init__(
         self,
@@ -96,6 +117,8 @@ class FlagQueue:
         batch_size: int = 100,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 500,
     ) -> None:
         self.client = client
         self.metrics = metrics
@@ -107,7 +130,9 @@ class FlagQueue:
         # Samples never sent: the only ones an overflow may drop.
         self.buffer: deque[dict[str, str]] = deque()
         # The batch taken out of the buffer and sent, until Redis has answered for each sample.
-        self._sending: list[dict[str, str]] = []
+        self._sending: list[_Sent] = []
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self.buffer_size = buffer_size
         self.batch_size = min(batch_size, buffer_size)
         metrics.queue_capacity.set(buffer_size)
@@ -166,7 +191,7 @@ class FlagQueue:
             size += sum(len(k) + len(v) for k, v in self.buffer[0].items())
             if self._sending and size > _BATCH_BYTES:
                 break
-            self._sending.append(self.buffer.popleft())
+            self._sending.append(_Sent(self.buffer.popleft()))
 
     def _call(self, fields: dict[str, str]) -> tuple[list[str], list[str | int | float]]:
         """The script's KEYS and ARGV for one sample."""
@@ -177,12 +202,15 @@ class FlagQueue:
         return [self.stream, key, self.dead_letter_stream], args
 
     async def _send(self) -> None:
-        """Send the batch in one pipeline; keep in it what Redis did not answer for."""
-        calls = [self._call(fields) for fields in self._sending]
+        """Send the batch in one pipeline; keep in it what Redis did not answer for, and all of
+        it while fewer than ``wait_replicas`` replicas acknowledged it."""
+        calls = [self._call(sent.fields) for sent in self._sending]
         results: list[Any]
+        acked: Any = None
         if isinstance(self.client, ClusterClient):
             # redis-py refuses EVALSHA in a cluster pipeline: the calls go out together instead,
-            # over the connection to the one node that holds the {flagged} slot.
+            # over the connection to the one node that holds the {flagged} slot. (No WAIT: the
+            # settings refuse redis_wait_replicas with a cluster.)
             results = await asyncio.gather(
                 *(self.client.evalsha(self._sha, len(k), *k, *a) for k, a in calls),
                 return_exceptions=True,
@@ -191,14 +219,23 @@ class FlagQueue:
             pipe = self.client.pipeline(transaction=False)
             for keys, args in calls:
                 pipe.evalsha(self._sha, len(keys), *keys, *args)
+            if self.wait_replicas:
+                # On the pipeline's connection: WAIT covers the writes made on it.
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             results = await pipe.execute(raise_on_error=False)
-        kept: list[dict[str, str]] = []
+            if self.wait_replicas:
+                acked = results.pop()
+        durable = not self.wait_replicas or (isinstance(acked, int) and acked >= self.wait_replicas)
+        kept: list[_Sent] = []
         errors: list[Exception] = []
-        for fields, result in zip(self._sending, results, strict=True):
+        for sent, result in zip(self._sending, results, strict=True):
             if isinstance(result, Exception):
-                kept.append(fields)
+                kept.append(sent)
                 errors.append(result)
-            elif result:
+            elif not durable:
+                sent.wrote = sent.wrote or bool(result)
+                kept.append(sent)
+            elif result or sent.wrote:
                 self.metrics.queue_pushes.inc()
             else:
                 self.metrics.queue_duplicates.inc()
@@ -209,6 +246,13 @@ class FlagQueue:
             await self.client.script_load(_ADD_ONCE)
         elif errors:
             raise errors[0]
+        elif isinstance(acked, Exception):
+            raise acked
+        elif not durable:
+            raise NotReplicatedError(
+                f"WAIT: {acked} of {self.wait_replicas} replicas acknowledged the batch within "
+                f"{self.wait_timeout_ms} ms (redis_wait_timeout_ms); sending it again"
+            )
 
     async def _run(self) -> None:
         delay = self.backoff_initial_s

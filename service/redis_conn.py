@@ -205,6 +205,11 @@ def check_redis_settings(s: Settings) -> None:
             "redis credentials and TLS options need redis_url or redis_url_file "
             "(the embedded redis is reached over a private Unix socket)"
         )
+    if s.redis_wait_replicas and not external:
+        raise ValueError(
+            "redis_wait_replicas needs redis_url or redis_url_file (the embedded redis has no "
+            "replica: every batch would wait forever)"
+        )
     if (s.redis_tls_cert is None) != (s.redis_tls_key is None):
         raise ValueError("redis_tls_cert and redis_tls_key go together")
     for name in ("redis_url_file", "redis_password_file", *_TLS_FILES):
@@ -231,7 +236,22 @@ def check_url(s: Settings, url: str) -> RedisTarget:
         problem = slot_problem(s.stream, s.dead_letter_stream, s.review.labels_stream)
         if problem:
             raise RedisSettingsError(problem)
+        if s.redis_wait_replicas:
+            # WAIT covers the writes of its own connection; a cluster client spreads a batch
+            # over several, so a WAIT could not vouch for it.
+            raise RedisSettingsError(
+                f"redis_wait_replicas: expected 0 with a redis+cluster:// URL, got "
+                f"{s.redis_wait_replicas}"
+            )
     return target
+
+
+def wait_replicas(s: Settings, url: str | None) -> int:
+    """The replicas each batch of flagged samples waits for: ``redis_wait_replicas``, else 1
+    for a Sentinel-managed primary (it has a replica to fail over to) and 0 for the rest."""
+    if s.redis_wait_replicas is not None:
+        return s.redis_wait_replicas
+    return int(url is not None and parse_target(url).kind == "sentinel")
 
 
 _TLS_FILES = ("redis_tls_ca", "redis_tls_cert", "redis_tls_key")
@@ -295,6 +315,8 @@ class SentinelPrimary(aioredis.Redis):
     FAILOVER`` the old primary is not down: it keeps taking writes until the sentinel makes it a
     replica (seconds later), and those writes are lost then. So commands re-ask at most every
     ``recheck_s``; when the answer changed, redis-py drops the connections to the old primary.
+    (What it took meanwhile no replica acknowledges, so the flag writer's ``WAIT`` keeps and
+    resends it: service/flags.py.)
     """
 
     recheck_s = 0.5

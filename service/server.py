@@ -273,6 +273,8 @@ async def start(settings: Settings) -> Sidecar:
         buffer_size=settings.buffer_size,
         batch_size=settings.flag_batch_size,
         dedup_ttl_s=settings.dedup_ttl_s,
+        wait_replicas=redis_conn.wait_replicas(settings, url),
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
     )
     await queue.start()
     tok_path = settings.tokenizer or default_tokenizer_path(bundle)

@@ -106,6 +106,22 @@ class Settings(BaseSettings):
     redis_tls_cert: Path | None = Field(default=None, description="client certificate (mTLS)")
     redis_tls_key: Path | None = None
     redis_tls_check_hostname: bool = True
+    # A sample counts as pushed once this many replicas hold it (WAIT after each batch), so a
+    # failover cannot lose what was counted (service/flags.py, docs/redis.md).
+    redis_wait_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="replicas that must acknowledge each batch before its samples count as "
+        "pushed; unset: 1 for redis+sentinel:// URLs, 0 otherwise (a Redis Cluster: 0 only)",
+    )
+    redis_wait_timeout_ms: int = Field(
+        default=500,
+        ge=1,
+        le=1500,
+        description="how long a batch waits for those replicas before it is sent again "
+        "(below the 2 s Redis socket timeout)",
+    )
     # Flagged samples are redacted before they are queued (service/redaction.py).
     redact: bool = Field(default=True, description="redact e-mails, phones, keys in samples")
     redact_builtin: list[RedactionName] = Field(

@@ -132,6 +132,47 @@ def test_cluster_refuses_keys_in_different_slots(tmp_path: Path) -> None:
     load_settings(redis_url="redis://h:1", stream="misalign:flagged")
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [
+        # WAIT vouches for one connection's writes; a cluster client spreads a batch over several.
+        ("redis_url: redis+cluster://h:7000\nredis_wait_replicas: 1\n", "expected 0 with a"),
+        # The embedded redis has no replica: every batch would wait forever.
+        ("redis_wait_replicas: 1\n", "redis_wait_replicas needs redis_url"),
+        (
+            "redis_url: redis+sentinel://h/s\nredis_wait_replicas: -1\n",
+            "greater than or equal to 0",
+        ),
+        # WAIT 0 blocks for ever; above the socket timeout the client gives up first.
+        (
+            "redis_url: redis+sentinel://h/s\nredis_wait_timeout_ms: 0\n",
+            "greater than or equal to 1",
+        ),
+        (
+            "redis_url: redis+sentinel://h/s\nredis_wait_timeout_ms: 2000\n",
+            "less than or equal to 1500",
+        ),
+    ],
+)
+def test_bad_wait_settings_are_refused_in_one_line(
+    tmp_path: Path, yaml_text: str, needle: str
+) -> None:
+    out = config_check(tmp_path, yaml_text, {})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert needle in out.stderr, out.stderr
+
+
+def test_wait_replicas_default_follows_the_url() -> None:
+    from service.redis_conn import wait_replicas
+
+    sentinel = "redis+sentinel://h:26379/s"
+    assert wait_replicas(load_settings(redis_url=sentinel), sentinel) == 1
+    assert wait_replicas(load_settings(redis_url="redis://h:1"), "redis://h:1") == 0
+    assert wait_replicas(load_settings(), "unix:///tmp/embedded.sock") == 0
+    two = load_settings(redis_url=sentinel, redis_wait_replicas=2)
+    assert wait_replicas(two, sentinel) == 2
+
+
 def test_malformed_url_stops_the_sidecar_in_one_line(tmp_path: Path) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MISALIGN_")}
     out = subprocess.run(

@@ -107,23 +107,20 @@ class LocalCluster:
 
 class LocalSentinel:
     """A primary, its replica and one Sentinel (quorum 1) that fails over 0.5 s after the
-    primary stops answering."""
+    primary stops answering. ``spare=True``: a second replica, which the failover turns into the
+    new primary's replica (a sidecar waiting for one replica's WAIT writes on after a SIGKILL)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spare: bool = False) -> None:
         self.primary = start_on_free_port(
             lambda port: RedisProc(root / "primary", persist=False, port=port)
         )
         self.replica: RedisProc | None = None
+        self.spare: RedisProc | None = None
         self.sentinel: RedisProc | None = None
         try:
-            self.replica = start_on_free_port(
-                lambda port: RedisProc(
-                    root / "replica",
-                    persist=False,
-                    port=port,
-                    extra=["--replicaof", "127.0.0.1", str(self.primary.port)],
-                )
-            )
+            self.replica = self._replica(root / "replica")
+            if spare:
+                self.spare = self._replica(root / "spare")
             conf = (
                 f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} 1\n"
                 f"sentinel down-after-milliseconds {SERVICE} 500\n"
@@ -132,25 +129,39 @@ class LocalSentinel:
             self.sentinel = start_on_free_port(
                 lambda port: RedisProc(root / "sentinel", persist=False, port=port, sentinel=conf)
             )
+            replicas = self.replicas
             wait_until(
-                lambda: (
-                    self.replica is not None
-                    and self.replica.admin().info("replication")["master_link_status"] == "up"
+                lambda: all(
+                    r.admin().info("replication")["master_link_status"] == "up" for r in replicas
                 ),
                 30,
-                "the replica in sync",
+                "the replicas in sync",
             )
             wait_until(
-                lambda: any(
-                    r["port"] == self.replica.port  # type: ignore[union-attr]
-                    for r in tcp(self.sentinel.port).sentinel_slaves(SERVICE)  # type: ignore[union-attr]
+                lambda: (
+                    {r["port"] for r in tcp(self.sentinel.port).sentinel_slaves(SERVICE)}  # type: ignore[union-attr]
+                    >= {r.port for r in replicas}
                 ),
                 30,
-                "the sentinel knows the replica",
+                "the sentinel knows the replicas",
             )
         except BaseException:
             self.stop()
             raise
+
+    def _replica(self, path: Path) -> RedisProc:
+        return start_on_free_port(
+            lambda port: RedisProc(
+                path,
+                persist=False,
+                port=port,
+                extra=["--replicaof", "127.0.0.1", str(self.primary.port)],
+            )
+        )
+
+    @property
+    def replicas(self) -> list[RedisProc]:
+        return [r for r in (self.replica, self.spare) if r is not None]
 
     @property
     def url(self) -> str:
@@ -162,6 +173,6 @@ class LocalSentinel:
         return int(tcp(self.sentinel.port).sentinel_get_master_addr_by_name(SERVICE)[1])
 
     def stop(self) -> None:
-        for node in (self.sentinel, self.replica, self.primary):
+        for node in (self.sentinel, self.spare, self.replica, self.primary):
             if node is not None:
                 node.stop()

@@ -20,6 +20,7 @@ from service.metrics import Metrics
 from service.redis_keys import FLAGGED_STREAM
 from service.settings import Settings
 from tests.faults.harness import report
+from tests.faults.redis_fleet import start_on_free_port
 from tests.faults.redis_proc import RedisProc
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
@@ -105,6 +106,7 @@ def make_queue(
     buffer_size: int,
     batch_size: int | None = None,
     client_class: type[aioredis.Redis] = aioredis.Redis,
+    **wait: int,
 ) -> FlagQueue:
     # As the sidecar makes its client (service/server.py), with a shorter timeout.
     client = client_class.from_url(
@@ -122,6 +124,7 @@ def make_queue(
         dedup_ttl_s=3600,
         backoff_max_s=0.2,
         **extra,
+        **wait,
     )
 
 
@@ -289,3 +292,39 @@ async def test_a_burst_of_1000_with_redis_up_loses_nothing_and_is_batched(
         redis_reads=reads,
         drained_after_burst_s=round(drained_s, 2),
     )
+
+
+async def test_wait_counts_a_sample_pushed_only_once_a_replica_holds_it(tmp_path: Path) -> None:
+    """``wait_replicas=1`` on a primary with no replica: the samples reach its stream, yet none
+    counts as pushed (a failover would lose them) and the batch is resent; once a replica has
+    synced, each counts as pushed exactly once, the resends that found their own earlier write
+    included (not as duplicates)."""
+    primary = start_on_free_port(lambda port: RedisProc(tmp_path / "p", persist=False, port=port))
+    replica = None
+    q = make_queue(primary, buffer_size=BUFFER, wait_replicas=1, wait_timeout_ms=100)
+    try:
+        await q.start()
+        for i in range(10):
+            q.put(sample(i), f"w-{i}")
+        await until(lambda: len(stream_ids(primary)) == 10, 10, "the samples on the primary")
+        await until(lambda: value(q, "misalign_queue_push_failures_total") >= 3, 10, "resends")
+        assert value(q, "misalign_queue_pushes_total") == 0
+        assert value(q, "misalign_queue_buffered") == 10
+        replica = start_on_free_port(
+            lambda port: RedisProc(
+                tmp_path / "r",
+                persist=False,
+                port=port,
+                extra=["--replicaof", "127.0.0.1", str(primary.port)],
+            )
+        )
+        await until(lambda: value(q, "misalign_queue_pushes_total") == 10, 20, "pushes")
+        assert value(q, "misalign_queue_duplicates_total") == 0
+        assert value(q, "misalign_queue_buffered") == 0
+        assert sorted(stream_ids(primary)) == sorted(f"w-{i}" for i in range(10))
+        assert stream_ids(replica) == stream_ids(primary)
+    finally:
+        await q.close()
+        for node in (replica, primary):
+            if node is not None:
+                node.stop()
