@@ -67,12 +67,12 @@ class Thresholds(BaseModel):
     model_config = {"frozen": True}
 
     alpha: float = Field(
-        default=0.01, gt=0, lt=1, description="family-wise level over features x tests (Holm)"
+        default=0.05, gt=0, lt=1, description="family-wise level over features x tests (Holm)"
     )
     min_effect: float = Field(default=0.5, ge=0, description="Hedges' g the mean test needs")
     max_psi: float | None = Field(default=None, gt=0, description="PSI that fails (off: report)")
     tests: tuple[TestName, ...] = Field(default=TESTS, min_length=1)
-    tail: float = Field(default=0.5, gt=0, le=1, description="upper share of the pooled sample")
+    tail: float = Field(default=0.25, gt=0, le=1, description="upper share of the pooled sample")
     permutations: int = Field(default=9999, ge=99, description="upper-tail test resamples")
     confidence: float = Field(default=0.95, gt=0, lt=1)
     bootstrap: int = Field(default=2000, ge=100)
@@ -276,14 +276,18 @@ def upper_tail_test(
     t = above[cuts].astype(np.float64)
     mean = n_c * t / n
     sd = np.sqrt(n_c * n_b * t * (n - t) / (n * n * max(n - 1, 1)))
+    first = int(np.argmax(cuts))  # bins at or below the lowest cut never count
+    sub = cuts[first:]
 
     def stat(counts: np.ndarray) -> np.ndarray:
-        c_above = np.cumsum(counts[..., ::-1], axis=-1)[..., ::-1][..., 1:]
-        return np.max((c_above[..., cuts] - mean) / sd, axis=-1)
+        c_above = np.cumsum(counts[..., :first:-1], axis=-1)[..., ::-1]
+        return np.max((c_above[..., sub] - mean) / sd, axis=-1)
 
     observed = float(stat(in_cand))
     rng = np.random.default_rng(seed)
-    null = stat(rng.multivariate_hypergeometric(total, n_c, size=permutations))
+    # "count" walks the N pooled answers per draw, "marginals" the bins: pick the shorter walk.
+    method: Literal["count", "marginals"] = "count" if n <= 50 * len(total) else "marginals"
+    null = stat(rng.multivariate_hypergeometric(total, n_c, size=permutations, method=method))
     p = (1 + int(np.sum(null >= observed - 1e-9))) / (permutations + 1)
     return observed, float(p)
 

@@ -242,7 +242,7 @@ def _md(s: str) -> str:
 @click.option("--feature", "features", multiple=True, help="only these features")
 @click.option(
     "--alpha",
-    default=0.01,
+    default=0.05,
     show_default=True,
     help="family-wise false-alarm level over features x tests (Holm)",
 )
@@ -258,7 +258,7 @@ def _md(s: str) -> str:
 )
 @click.option(
     "--tail",
-    default=0.5,
+    default=0.25,
     show_default=True,
     help="upper-tail test: cuts in this top share of the pooled scores",
 )
