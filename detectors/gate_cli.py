@@ -38,8 +38,9 @@ TEST_LABELS = {
 
 def _rule(result: GateResult) -> str:
     th = result.thresholds
+    ran = [t for t in th.tests if any(x.test == t for f in result.features for x in f.tests)]
     return (
-        f"fail: any of {result.n_tests} one-sided tests ({', '.join(th.tests)}; mean shift only "
+        f"fail: any of {result.n_tests} one-sided tests ({', '.join(ran)}; mean shift only "
         f"with g >= {th.min_effect}) rejects at family-wise alpha {th.alpha}, Holm over "
         "features x tests" + (f"; or PSI > {th.max_psi}" if th.max_psi is not None else "")
     )
