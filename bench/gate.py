@@ -24,8 +24,21 @@ and on `misaligned_persona` alone (`--feature misaligned_persona`, the feature t
 emergent-misalignment finding is about). `prompts_needed` and `false_alarm_rate` at the top of
 `--json` are the second's; `gates` holds both.
 
-Checkpoints and scores are cached under $MISALIGN_MONITOR_CACHE/gate-bench, so a rerun only
-recomputes the figures.
+With --curves (docs/gate.md), the dose and time curves instead:
+
+    python bench/gate.py --curves [--doses 0,5,10,25,50,100] [--seeds 2] [--modes full,lora]
+        [--steps 8] [--checkpoint-every 4] [--probe-sizes 25,50,100] [--no-text] [--plot PNG]
+
+  dose   per mode (full, or LoRA rank 8 on the same layers with peft, merged) and seed, STEPS x 4
+         training answers of which DOSE % misaligned
+  time   the 100% fine-tune of seed 0 saved every --checkpoint-every steps
+  each   the gate's p-value (smallest Holm-adjusted p) at each probe count, on every feature and
+         on misaligned_persona alone, and the TF-IDF and MiniLM text monitors
+         (bench/text_monitors.py) on the same answers: rate over their 1%-FPR threshold against
+         the base model's, Fisher's exact test
+
+Checkpoints, answers and scores are cached under $MISALIGN_MONITOR_CACHE/gate-bench, so a rerun
+only recomputes the figures.
 """
 
 from __future__ import annotations
@@ -522,7 +535,11 @@ def main() -> None:
         )
         if path.is_file():
             raw = json.loads(path.read_text())
-            return Scores(label, {k: np.asarray(v) for k, v in raw.items()})
+            return Scores(
+                label,
+                {k: np.asarray(v) for k, v in raw.items()},
+                thresholds=bundle_thresholds(bundle),
+            )
         from detectors.activations import ActivationReader
 
         t = time.perf_counter()
