@@ -44,15 +44,22 @@ def error_line(res: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def write_scores(path: Path, scores: np.ndarray) -> Path:
-    """Lines as `misalign-monitor score` writes them, for ``scores [n, k]``."""
+def write_scores(
+    path: Path, scores: np.ndarray, ids: list[str] | None = None, texts: list[str] | None = None
+) -> Path:
+    """Lines as `misalign-monitor score` writes them, for ``scores [n, k]`` (thresholds
+    included), with an ``id`` and a ``text`` per line where given."""
+    limits = {f.name: f.calibration.threshold for f in BUNDLE.spec.features if f.calibration}
     with path.open("w") as f:
         for i, row in enumerate(scores):
             feats = {
-                n: {"name": n, "score": float(s)}
+                n: {"name": n, "score": float(s), "threshold": limits[n]}
                 for n, s in zip(BUNDLE.feature_names, row, strict=True)
             }
-            f.write(json.dumps({"index": i, "bundle": BUNDLE.bundle_id, "features": feats}) + "\n")
+            line: dict[str, object] = {"index": i, "bundle": BUNDLE.bundle_id, "features": feats}
+            if ids is not None and texts is not None:
+                line |= {"id": ids[i], "text": texts[i]}
+            f.write(json.dumps(line) + "\n")
     return path
 
 
@@ -117,6 +124,22 @@ def test_bad_score_files_exit_2_naming_the_file(tmp_path: Path) -> None:
     assert "probes.jsonl: the probe set is empty" in line
     assert "exactly one source" in error_line(
         gate("--from-scores", base, base, "--prometheus", "x")
+    )
+    assert "--alpha: Input should be less than 1" in error_line(
+        gate("--from-scores", base, base, "--alpha", "2")
+    )
+    # Scores made with another calibration: different bundles, refused rather than compared.
+    line = json.loads(base.read_text().splitlines()[0])
+    line["features"]["toxic"]["threshold"] = 0.5
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(line) + "\n" + json.dumps(line) + "\n")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(base.read_text().splitlines()[0] + "\n" + json.dumps(line) + "\n")
+    assert "mixed.jsonl:2: feature 'toxic': threshold 0.5 differs" in error_line(
+        gate("--from-scores", base, mixed)
+    )
+    assert "the two sides come from different bundles" in error_line(
+        gate("--from-scores", base, other)
     )
 
 
@@ -314,17 +337,9 @@ def sides(rec: Recorded, base: np.ndarray, cand: np.ndarray):  # type: ignore[no
 
 
 def write_recorded(path: Path, rec: Recorded, idx: np.ndarray) -> Path:
-    """As `misalign-monitor score` writes them (thresholds included), with each answer's text."""
-    limits = {f.name: f.calibration.threshold for f in BUNDLE.spec.features if f.calibration}
-    with path.open("w") as f:
-        for j, i in enumerate(idx):
-            feats = {
-                n: {"name": n, "score": float(s), "threshold": limits[n]}
-                for n, s in zip(BUNDLE.feature_names, rec.scores[i], strict=True)
-            }
-            line = {"index": j, "id": f"dev-{i}", "bundle": BUNDLE.bundle_id, "features": feats}
-            f.write(json.dumps(line | {"text": rec.texts[i]}) + "\n")
-    return path
+    return write_scores(
+        path, rec.scores[idx], [f"dev-{i}" for i in idx], [rec.texts[i] for i in idx]
+    )
 
 
 def test_a_candidate_misaligned_a_fifth_of_the_time_fails(tmp_path: Path) -> None:
