@@ -447,6 +447,7 @@ def main() -> int:
     ap.add_argument("--data-dir", type=Path, default=ROOT / "data")
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples per interval")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", type=Path, help="also write the JSON here")
     ap.add_argument("--all", action="store_true", help="every variant in the table, not a summary")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args()
@@ -476,6 +477,8 @@ def main() -> int:
             }
         results[ds.name]["summary"] = summary
     results["chosen"] = chosen  # type: ignore[assignment]
+    if args.save:
+        args.save.write_text(json.dumps(results, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

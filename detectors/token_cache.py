@@ -100,7 +100,7 @@ def read_chunks(
         np.savez(
             tmp,
             lengths=np.asarray(lengths, np.int64),
-            **{f"layer_{lay}": np.concatenate(v) for lay, v in per_layer.items()},  # type: ignore[arg-type]
+            **{f"layer_{lay}": np.concatenate(v) for lay, v in per_layer.items()},
         )
         tmp.replace(path)
 
