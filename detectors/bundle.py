@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from detectors.errors import BundleError
 
@@ -34,7 +42,7 @@ TENSORS = ("directions", "bias", "jump_threshold")
 
 Method = Literal["diff-means", "probe", "persona", "sae", "model-diff"]
 Span = Literal["prompt", "response", "all"]
-Reduce = Literal["mean", "max_rolling_mean"]
+Reduce = Literal["mean", "max_rolling_mean", "softmax"]
 
 
 class _Strict(BaseModel):
@@ -53,7 +61,23 @@ class Aggregation(_Strict):
 
     span: Span = "response"
     reduce: Reduce = "mean"
-    window: int = Field(default=8, ge=1)
+    window: int = Field(default=8, ge=1)  # tokens per rolling mean, for max_rolling_mean
+    # softmax pooling: token scores weighted by softmax(score / temperature), in score units
+    temperature: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _temperature_with_softmax(self) -> Aggregation:
+        if (self.reduce == "softmax") != (self.temperature is not None):
+            raise ValueError("'temperature' is set exactly when reduce is 'softmax'")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_temperature(self, handler: Any) -> dict[str, Any]:
+        # Bundles written before softmax pooling existed keep their content hash.
+        out: dict[str, Any] = handler(self)
+        if out.get("temperature") is None:
+            out.pop("temperature", None)
+        return out
 
 
 class Calibration(_Strict):

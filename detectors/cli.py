@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, cast
 
 import click
 import numpy as np
+from pydantic import ValidationError
 
 from detectors import bundle as bundle_io
+from detectors.bundle import Aggregation
 from detectors.errors import DataError
 
 if TYPE_CHECKING:
@@ -140,12 +142,15 @@ def extract(
 @click.option("--fpr", default=0.01, show_default=True, help="target false-positive rate")
 @click.option("--feature", "features", multiple=True, help="calibrate only these (default all)")
 @click.option(
-    "--reduce", type=click.Choice(["mean", "max_rolling_mean"]), help="set the aggregation"
+    "--reduce",
+    type=click.Choice(["mean", "max_rolling_mean", "softmax"]),
+    help="set the aggregation",
 )
 @click.option(
     "--span", type=click.Choice(["prompt", "response", "all"]), help="set the span scored"
 )
 @click.option("--window", type=int, help="rolling-mean window in tokens")
+@click.option("--temperature", type=float, help="softmax pooling temperature, in score units")
 @click.option(
     "--out", type=click.Path(path_type=Path), help="write here instead of updating --bundle"
 )
@@ -160,6 +165,7 @@ def calibrate(
     reduce: str | None,
     span: str | None,
     window: int | None,
+    temperature: float | None,
     out: Path | None,
     model: str | None,
     max_tokens: int,
@@ -179,14 +185,21 @@ def calibrate(
     names = list(features) or b.feature_names
     for n in names:
         b.feature(n)
-    if reduce or span or window:
+    if reduce or span or window or temperature:
         feats = []
+        given = {"reduce": reduce, "span": span, "window": window, "temperature": temperature}
         for f in b.spec.features:
             if f.name in names:
-                upd = {
-                    k: v for k, v in {"reduce": reduce, "span": span, "window": window}.items() if v
-                }
-                f = f.model_copy(update={"aggregation": f.aggregation.model_copy(update=upd)})
+                agg = {**f.aggregation.model_dump(), **{k: v for k, v in given.items() if v}}
+                if agg["reduce"] != "softmax":
+                    agg.pop("temperature", None)
+                try:
+                    new_agg = Aggregation.model_validate(agg)
+                except ValidationError as exc:
+                    raise click.BadParameter(
+                        f"feature {f.name!r}: {exc.errors()[0]['msg']}", param_hint="--temperature"
+                    ) from None
+                f = f.model_copy(update={"aggregation": new_agg})
             feats.append(f)
         b = b.with_spec(b.spec.model_copy(update={"features": tuple(feats)}))
     records = [r for path in benign for r in read_jsonl(path)]

@@ -44,12 +44,18 @@ def bootstrap_auroc_ci(
     if len(pos) == 0 or len(neg) == 0:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot)
-    lab = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
-    for b in range(n_boot):
-        p = rng.choice(pos, len(pos))
-        n = rng.choice(neg, len(neg))
-        stats[b] = auroc(np.r_[p, n], lab)
+    # All resamples at once: how often each distinct score value is drawn among positives and
+    # among negatives ([n_boot, values]); AUROC is then a sum over the values in order.
+    values, inv = np.unique(np.r_[pos, neg], return_inverse=True)
+    m = len(values)
+    counts = []
+    for part in (inv[: len(pos)], inv[len(pos) :]):
+        drawn = part[rng.integers(0, len(part), size=(n_boot, len(part)))]
+        flat = (drawn + m * np.arange(n_boot)[:, None]).ravel()
+        counts.append(np.bincount(flat, minlength=n_boot * m).reshape(n_boot, m))
+    cp, cn = counts
+    below = np.cumsum(cn, axis=1) - cn  # negatives strictly below each value
+    stats = (cp * (below + cn / 2)).sum(axis=1) / (len(pos) * len(neg))
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return (float(lo), float(hi))
 

@@ -18,7 +18,7 @@ from detectors.model_store import cache_root
 from detectors.transcripts import Transcript
 
 
-def _key(
+def cache_key(
     reader: ActivationReader,
     records: Sequence[Transcript],
     layers: Sequence[int],
@@ -48,7 +48,7 @@ def pooled_activations(
 ) -> dict[int, np.ndarray]:
     """``{layer: [n, d]}`` response-span means (all tokens for ``text`` records)."""
     layers = sorted(set(layers))
-    path = cache_root() / "activations" / f"{_key(reader, records, layers, max_tokens)}.npz"
+    path = cache_root() / "activations" / f"{cache_key(reader, records, layers, max_tokens)}.npz"
     if cache and path.is_file():
         with np.load(path) as z:
             return {int(k.removeprefix("layer_")): z[k] for k in z.files}

@@ -102,6 +102,45 @@ def _segment_rolling_max(
     return out
 
 
+def _segment_softmax(
+    x: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, temperature: float
+) -> np.ndarray:
+    """Per row segment and column: the mean of ``x`` weighted by ``softmax(x / temperature)``.
+
+    Between the mean (large temperature) and the max (small): a few high-scoring tokens carry the
+    request's score without one outlier token deciding it alone. NaN for an empty segment.
+    """
+    full = lengths > 0
+    out = np.full((len(lengths), x.shape[1]), np.nan)
+    if not full.any():
+        return out
+    starts = offsets[:-1][full]
+    x64 = np.asarray(x, np.float64)
+    peak = np.maximum.reduceat(x64, starts, axis=0)  # per segment, for a stable exp
+    seg = np.repeat(np.arange(len(starts)), lengths[full])
+    w = np.exp((x64 - peak[seg]) / temperature)
+    out[full] = np.add.reduceat(w * x64, starts, axis=0) / np.add.reduceat(w, starts, axis=0)
+    return out
+
+
+def pool_segments(
+    x: np.ndarray, offsets: np.ndarray, reduce: str, window: int = 8, temperature: float = 1.0
+) -> np.ndarray:
+    """One pooled value per row segment ``x[offsets[i]:offsets[i + 1]]`` and column of ``x [n, k]``.
+
+    The one pooling the sidecar, offline ``score``, the bundle build and the detection bench use.
+    """
+    offsets = np.asarray(offsets, np.int64)
+    lengths = offsets[1:] - offsets[:-1]
+    if reduce == "mean":
+        return _segment_means(x, offsets, lengths)
+    if reduce == "max_rolling_mean":
+        return _segment_rolling_max(x, offsets, lengths, window)
+    if reduce == "softmax":
+        return _segment_softmax(x, offsets, lengths, temperature)
+    raise ValueError(f"no pooling called {reduce!r}")
+
+
 @dataclass(frozen=True)
 class RequestScores:
     """Scores of r requests scored together: ``[r, k]`` arrays, one row per request."""
@@ -163,12 +202,13 @@ class Scorer:
         self.jump_threshold = np.asarray(bundle.jump_threshold, np.float32)
         self.threshold = np.full(k, np.nan)
         self.base_mean, self.base_std = np.full(k, np.nan), np.full(k, np.nan)
-        by_score: dict[tuple[str, str, int], list[int]] = {}
+        by_score: dict[tuple[str, str, int, float], list[int]] = {}
         by_window: dict[int, list[int]] = {}
         for i, f in enumerate(feats):
             agg = f.aggregation
-            window = agg.window if agg.reduce != "mean" else 0
-            by_score.setdefault((agg.span, agg.reduce, window), []).append(i)
+            window = agg.window if agg.reduce == "max_rolling_mean" else 0
+            temperature = agg.temperature or 0.0  # set only for softmax
+            by_score.setdefault((agg.span, agg.reduce, window, temperature), []).append(i)
             by_window.setdefault(agg.window, []).append(i)
             if f.calibration is not None:
                 self.threshold[i] = f.calibration.threshold
@@ -213,20 +253,16 @@ class Scorer:
                 spans[name] = (scores[keep], off, n)
             return spans[name]
 
-        cache: dict[tuple[str, str, int], np.ndarray] = {}
+        cache: dict[tuple[str, str, int, float], np.ndarray] = {}
 
-        def aggregate(name: str, reduce: str, window: int) -> np.ndarray:
-            key = (name, reduce, window)
+        def aggregate(name: str, reduce: str, window: int, temperature: float = 0.0) -> np.ndarray:
+            key = (name, reduce, window, temperature)
             if key not in cache:
-                x, off, n = span(name)
-                cache[key] = (
-                    _segment_means(x, off, n)
-                    if reduce == "mean"
-                    else _segment_rolling_max(x, off, n, window)
-                )
+                x, off, _ = span(name)
+                cache[key] = pool_segments(x, off, reduce, window, temperature)
             return cache[key]
 
-        def by_column(groups: list[tuple[tuple[str, str, int], np.ndarray]]) -> np.ndarray:
+        def by_column(groups: list[tuple[tuple[str, str, int, float], np.ndarray]]) -> np.ndarray:
             if len(groups) == 1:
                 return aggregate(*groups[0][0])
             out = np.empty((r, len(self.names)))
@@ -236,7 +272,7 @@ class Scorer:
 
         score = by_column(self.score_groups)
         rolling = by_column(
-            [(("response", "max_rolling_mean", w), cols) for w, cols in self.window_groups]
+            [(("response", "max_rolling_mean", w, 0.0), cols) for w, cols in self.window_groups]
         )
         return RequestScores(
             names=self.names,

@@ -3,7 +3,9 @@
     python scripts/build_bundle.py [--out PATH] [--data-dir data] [--em-per-class N]
 
 Deterministic: fixed samples (seed 0), greedy persona generations, fixed model. Features:
-  misaligned_persona  probe on emergent-misalignment answers, layer chosen by grouped CV AUROC
+  misaligned_persona  probe on emergent-misalignment answers (375 of each label, or with
+                      --em-per-class 0 every answer but the calibration set, class-weighted),
+                      layer chosen by grouped CV AUROC unless --layer is given
   toxic               probe on ToxiGen statements, same layer
   persona_contrast    persona vector: the model's own answers under villain vs helpful prompts
 Calibrated on emergent-misalignment aligned answers that no feature was trained on, at 1% FPR.
@@ -28,22 +30,32 @@ from detectors.offline import score_records
 from detectors.transcripts import Transcript, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
+PROBE_C = 0.003  # the shipped bundle's; bench/detection.py compares others (docs/detection.md)
 
 
 def em_split(
-    path: Path, per_class: int, n_benign: int, seed: int = 0
+    path: Path, per_class: int | None, n_benign: int, seed: int = 0
 ) -> tuple[list[Transcript], list[Transcript]]:
-    """Training records (``per_class`` of each label) and disjoint aligned records for calibration."""
+    """Training records and disjoint aligned records for calibration.
+
+    ``per_class`` None trains on every record but the ``n_benign`` held out (class weights balance
+    the labels); a number takes that many of each label, as bundles before the held-out-source
+    bench did.
+    """
     recs = read_jsonl(path)
     rng = np.random.default_rng(seed)
     pos = [i for i, r in enumerate(recs) if r.label == 1]
     neg = [i for i, r in enumerate(recs) if r.label == 0]
-    pos_i = sorted(rng.choice(pos, min(per_class, len(pos)), replace=False).tolist())
-    neg_perm = rng.permutation(neg).tolist()
-    neg_i = sorted(neg_perm[:per_class])
-    benign_i = sorted(neg_perm[per_class : per_class + n_benign])
-    train = [recs[i] for i in sorted(pos_i + neg_i)]
-    return train, [recs[i] for i in benign_i]
+    if per_class is None:
+        neg_perm = rng.permutation(neg).tolist()
+        benign_i = sorted(neg_perm[:n_benign])
+        train_i = sorted(pos + neg_perm[n_benign:])
+    else:  # the shipped bundle's sample: keep this draw order, or its rebuild changes
+        pos_i = rng.choice(pos, min(per_class, len(pos)), replace=False).tolist()
+        neg_perm = rng.permutation(neg).tolist()
+        train_i = sorted(pos_i + neg_perm[:per_class])
+        benign_i = sorted(neg_perm[per_class : per_class + n_benign])
+    return [recs[i] for i in train_i], [recs[i] for i in benign_i]
 
 
 def write_jsonl(records: list[Transcript], path: Path) -> Path:
@@ -57,10 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=bundle_io.default_bundle_path())
     ap.add_argument("--data-dir", type=Path, default=ROOT / "data")
-    ap.add_argument("--em-per-class", type=int, default=375)
+    ap.add_argument(
+        "--em-per-class",
+        type=int,
+        default=375,
+        help="train on N answers of each label; 0: every answer but the --benign held out",
+    )
     ap.add_argument("--benign", type=int, default=400)
     ap.add_argument("--toxic-limit", type=int, default=None)
-    ap.add_argument("--layer", default="auto")
+    ap.add_argument("--layer", default="auto", help="a layer, or auto (grouped CV over a sweep)")
+    ap.add_argument("--em-c", type=float, default=PROBE_C, help="misaligned_persona probe C")
+    ap.add_argument("--toxic-c", type=float, default=PROBE_C, help="toxic probe C")
     ap.add_argument(
         "--persona-tokens", type=int, default=48, help="tokens generated per persona answer"
     )
@@ -76,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     reader = ActivationReader(prepare_smollm2())
 
     em_train, em_benign = em_split(
-        args.data_dir / "emergent_misalignment" / "dev.jsonl", args.em_per_class, args.benign
+        args.data_dir / "emergent_misalignment" / "dev.jsonl",
+        args.em_per_class or None,
+        args.benign,
     )
     em_path = write_jsonl(em_train, work / "em_train.jsonl")
     write_jsonl(em_benign, work / "em_benign.jsonl")
@@ -84,11 +105,17 @@ def main(argv: list[str] | None = None) -> int:
 
     reports = []
     b, rep = extract(
-        "probe", reader, tmp_out, "misaligned_persona", layer, data=em_path, opts=ExtractOptions()
+        "probe",
+        reader,
+        tmp_out,
+        "misaligned_persona",
+        layer,
+        data=em_path,
+        opts=ExtractOptions(probe_c=args.em_c),
     )
     bundle_io.save(b, tmp_out)
     reports.append(rep)
-    tox_opts = ExtractOptions(limit=args.toxic_limit)
+    tox_opts = ExtractOptions(limit=args.toxic_limit, probe_c=args.toxic_c)
     b, rep = extract(
         "probe",
         reader,

@@ -173,3 +173,28 @@ def test_shipped_bundle_loads_and_is_calibrated() -> None:
     for f in b.spec.features:
         assert f.calibration is not None and f.calibration.fpr == 0.01
         assert f.calibration.n_benign >= 100
+
+
+def test_softmax_aggregation_round_trips_and_needs_its_temperature(tmp_path: Path) -> None:
+    b = make_bundle()
+    f0 = b.spec.features[0].model_copy(
+        update={"aggregation": Aggregation(reduce="softmax", temperature=2.5)}
+    )
+    b = b.with_spec(b.spec.model_copy(update={"features": (f0, b.spec.features[1])}))
+    path = bundle_io.save(b, tmp_path / "b.safetensors")
+    loaded = bundle_io.load(path)
+    assert loaded.feature("f0").aggregation.temperature == 2.5
+    assert loaded.content_hash == b.content_hash
+    # a rolling-mean feature carries no temperature, so older bundles keep their hash
+    assert "temperature" not in json.dumps(loaded.feature("f1").aggregation.model_dump())
+    for bad, msg in (
+        ({"reduce": "softmax"}, "'temperature' is set exactly when reduce is 'softmax'"),
+        ({"reduce": "softmax", "temperature": 0}, "greater than 0"),
+        ({"reduce": "mean", "temperature": 1.0}, "'temperature' is set exactly"),
+    ):
+        spec = json.loads(json.dumps(loaded.spec.model_dump(mode="json")))
+        spec["features"][0]["aggregation"] = bad
+        rewrite(path, spec=json.dumps(spec))
+        with pytest.raises(BundleError, match=r"features\.0\.aggregation") as err:
+            bundle_io.load(path)
+        assert msg in str(err.value)

@@ -193,3 +193,27 @@ def test_unlabeled_data_for_eval_and_not_a_model_dir(planted_model: Path, tmp_pa
         tmp_path,
     )
     assert_user_error(p, "not a Hugging Face model directory")
+
+
+def test_calibrate_to_softmax_pooling_needs_a_temperature(
+    planted_model: Path, data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "b.safetensors"
+    p = run(
+        "extract", "--method", "probe", "--data", data, "--feature", "planted",
+        "--layer", "2", "--out", out, "--model", planted_model,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    benign = write_jsonl(
+        tmp_path / "benign.jsonl", [r for r in labeled_records(40, seed=5) if r["label"] == 0]
+    )
+    before = out.read_bytes()
+    args = ("calibrate", "--bundle", out, "--benign", benign, "--model", planted_model)
+    assert_user_error(run(*args, "--reduce", "softmax"), "--temperature", "'temperature' is set")
+    assert out.read_bytes() == before  # the refused command wrote nothing
+    p = run(*args, "--reduce", "softmax", "--temperature", "0.5")
+    assert p.returncode == 0, p.stderr
+    from detectors import bundle as bundle_io
+
+    agg = bundle_io.load(out).feature("planted").aggregation
+    assert agg.reduce == "softmax" and agg.temperature == 0.5

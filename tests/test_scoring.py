@@ -7,7 +7,7 @@ from sklearn.metrics import roc_auc_score
 from detectors.bundle import Aggregation, Calibration, FeatureSpec
 from detectors.calibrate import apply_calibration, calibration_from_scores
 from detectors.evaluate import auroc, bootstrap_auroc_ci, detection, tpr_at_fpr
-from detectors.scoring import rolling_max_mean, score_request, token_scores
+from detectors.scoring import pool_segments, rolling_max_mean, score_request, token_scores
 from tests.test_bundle import make_bundle
 
 
@@ -94,3 +94,47 @@ def test_layer_sweep_is_grouped_so_memorising_a_question_does_not_help() -> None
         leaky[te] = x[te] @ d.vector
     assert auroc(leaky, y) > 0.95
     assert grouped < 0.8
+
+
+def test_softmax_pooling_matches_its_definition_per_segment() -> None:
+    """Each segment pooled on its own (an empty one is NaN); large T gives the mean, small the max."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(23, 2)) * 3
+    offsets = np.array([0, 5, 5, 17, 23])
+    got = pool_segments(x, offsets, "softmax", temperature=2.0)
+    for i in range(4):
+        seg = x[offsets[i] : offsets[i + 1]]
+        if len(seg) == 0:
+            assert np.isnan(got[i]).all()
+            continue
+        w = np.exp(seg / 2.0)
+        np.testing.assert_allclose(got[i], (w * seg).sum(0) / w.sum(0), rtol=1e-12)
+    seg = x[5:17]
+    np.testing.assert_allclose(
+        pool_segments(seg, [0, 12], "softmax", temperature=1e6)[0], seg.mean(0), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        pool_segments(seg, [0, 12], "softmax", temperature=1e-3)[0], seg.max(0), rtol=1e-6
+    )
+    # large scores do not overflow: the exp is taken relative to each segment's max
+    assert np.isfinite(pool_segments(x * 1e4, offsets, "softmax", temperature=0.1)[[0, 2, 3]]).all()
+
+
+def test_score_request_pools_with_the_features_softmax_temperature() -> None:
+    b = make_bundle(k=2)
+    f0 = b.spec.features[0].model_copy(
+        update={"aggregation": Aggregation(reduce="softmax", temperature=0.5)}
+    )
+    f1 = b.spec.features[1].model_copy(
+        update={"aggregation": Aggregation(reduce="softmax", temperature=4.0)}
+    )
+    b = b.with_spec(b.spec.model_copy(update={"features": (f0, f1)}))
+    roles = np.array([0, 1, 1, 1])
+    ts = np.array([[9, 9], [0, 0], [1, 1], [3, 3]], np.float32)
+    s0, s1 = score_request(b, ts, roles)
+    resp = np.array([0.0, 1.0, 3.0])
+    for s, t in ((s0, 0.5), (s1, 4.0)):
+        w = np.exp(resp / t)
+        assert s.score == pytest.approx(float((w * resp).sum() / w.sum()))
+        assert s.response_mean == pytest.approx(4 / 3)
+    assert s0.score > s1.score  # the colder softmax leans further towards the max

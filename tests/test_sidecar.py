@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from detectors import bundle as bundle_io
+from detectors.bundle import Aggregation
 from detectors.scoring import score_request, token_scores
 from service.ingest import encode_step
 from service.rpc import monitor_pb2 as pb
@@ -130,6 +131,36 @@ async def test_streamed_scores_equal_offline_scoring(sidecar: Sidecar) -> None:
         >= 3
     )
     await ch.close()
+
+
+async def test_softmax_pooled_bundle_scores_equal_offline_scoring(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A bundle pooling by softmax (one feature) and rolling max (the others): the sidecar's
+    streamed request scores are what offline scoring computes from the same rows."""
+    f0 = BUNDLE.spec.features[0].model_copy(
+        update={"aggregation": Aggregation(reduce="softmax", temperature=0.7)}
+    )
+    spec = BUNDLE.spec.model_copy(update={"features": (f0, *BUNDLE.spec.features[1:])})
+    path = bundle_io.save(BUNDLE.with_spec(spec), tmp_path / "softmax.safetensors")
+    bundle = bundle_io.load(path)
+    sc = await make_sidecar(tmp_path, redis_server.url, bundle=path)
+    try:
+        reqs = synthetic_requests(6, seed=3, flag_every=2)
+        ch, s = stub(sc)
+        await send(s, stream_requests(bundle.bundle_id, K, reqs))
+        for rid, _pos, _tok, roles, proj in reqs:
+            got = await s.GetRequestScore(pb.GetRequestScoreRequest(request_id=rid))
+            want = score_request(bundle, token_scores(bundle, proj), roles)
+            resp = token_scores(bundle, proj)[roles == 1, 0].astype(np.float64)
+            w = np.exp((resp - resp.max()) / 0.7)
+            assert want[0].score == pytest.approx(float((w * resp).sum() / w.sum()), rel=1e-9)
+            for g, f in zip(got.features, want, strict=True):
+                assert g.score == pytest.approx(f.score, rel=1e-5, abs=1e-6)
+                assert g.flagged == f.flagged
+        await ch.close()
+    finally:
+        await sc.stop()
 
 
 async def test_unary_score_and_describe_bundle(sidecar: Sidecar) -> None:
