@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from detectors import bundle as bundle_io
-from tests.conftest import ROOT, DEV_DATA, USER_CACHE
+from tests.conftest import DEV_DATA, ROOT, USER_CACHE
 
 pytestmark = pytest.mark.slow
 EM = DEV_DATA / "emergent_misalignment" / "dev.jsonl"
