@@ -34,6 +34,10 @@ class TapSettings(BaseSettings):
         default="rules",
         description="what a request's extra_args may choose: its own rules, only on/off, nothing",
     )
+    allow_untested_vllm: bool = Field(
+        default=False,
+        description="start on a vLLM outside the tap's supported range (with a warning)",
+    )
 
     @model_validator(mode="after")
     def _someone_mitigated(self) -> TapSettings:
