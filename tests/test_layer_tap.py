@@ -7,6 +7,7 @@ The real architectures run in tests/test_vllm_tap.py (vLLM) and tests/test_smoll
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from bench.synthetic import synthetic_bundle
 from detectors import bundle as bundle_io
 from detectors.bundle import ModelRef
 from detectors.decoder_layers import find_decoder_layers
-from tap import layer_tap, projection_op
-from tap.settings import TapConfigError
+from tap import layer_tap, projection_op, runner_hook, state
+from tap.settings import TapConfigError, TapSettings
 
 D, LAYERS = 8, 3
 
@@ -110,3 +111,29 @@ def test_a_model_without_a_decoder_list_is_refused_naming_its_class_of_modules_b
 ) -> None:
     with pytest.raises(TapConfigError, match="Linear has no list of 3 modules"):
         layer_tap.attach(torch.nn.Linear(D, D), bundle(tmp_path), rows=16, mitigate=False)
+
+
+def runner_stand_in(pp: int) -> SimpleNamespace:
+    """The attributes of a model runner that the load check reads (vLLM's config objects)."""
+    hf = SimpleNamespace(hidden_size=D, num_hidden_layers=LAYERS)
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=pp),
+    )
+
+
+def test_pipeline_parallelism_is_refused_at_load_on_a_runner_stand_in(tmp_path: Path) -> None:
+    cfg = state.Active(TapSettings(bundle=tmp_path / "b.safetensors"), bundle(tmp_path))
+    runner_hook._check_model(runner_stand_in(1), cfg, v2=False)
+    with pytest.raises(TapConfigError, match=r"pipeline parallelism \(pipeline_parallel_size=2\)"):
+        runner_hook._check_model(runner_stand_in(2), cfg, v2=False)
+
+
+def test_mitigation_under_model_runner_v2_is_refused_at_load_on_a_runner_stand_in(
+    tmp_path: Path,
+) -> None:
+    cfg = state.Active(TapSettings(bundle=tmp_path / "b.safetensors"), bundle(tmp_path))
+    cfg.mitigation = object()
+    runner_hook._check_model(runner_stand_in(1), cfg, v2=False)
+    with pytest.raises(TapConfigError, match="MISALIGN_TAP_MITIGATION is not supported under"):
+        runner_hook._check_model(runner_stand_in(1), cfg, v2=True)
