@@ -28,19 +28,22 @@ from tap.settings import TapConfigError
 _TAPPED: dict[tuple[type, bool], type] = {}
 
 
-def _stream_parts(base: type, out: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(hidden, residual, is_pair) of a decoder layer's output, whose sum is the stream. A layer
+def _stream_parts(base: type, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, residual) of a decoder layer's output, whose sum is the stream. A layer
     that returns the stream itself gets a zero ``hidden`` and the stream as ``residual`` (which
     mitigation edits in place)."""
+    # Rows flattened: vLLM's Transformers backend runs its layers on [1, tokens, hidden] (a view
+    # of the same storage, so mitigation's in-place edit reaches the returned tensor).
     if isinstance(out, torch.Tensor):
-        return torch.zeros_like(out), out, False
+        stream = out.view(-1, out.shape[-1])
+        return torch.zeros_like(stream), stream
     if (
         isinstance(out, tuple)
         and len(out) == 2
         and isinstance(out[0], torch.Tensor)
         and isinstance(out[1], torch.Tensor)
     ):
-        return out[0], out[1], True
+        return out[0].view(-1, out[0].shape[-1]), out[1].view(-1, out[1].shape[-1])
     raise TapConfigError(
         f"misalign tap: the decoder layer {base.__module__}.{base.__qualname__} returns "
         f"{type(out).__name__} of {len(out) if isinstance(out, tuple) else '?'} items, neither "
@@ -54,7 +57,7 @@ def _tapped(base: Any, mitigate: bool) -> type:
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = base.forward(self, *args, **kwargs)
-        hidden, residual, _ = _stream_parts(base, out)
+        hidden, residual = _stream_parts(base, out)
         torch.ops.misalign.project(
             hidden, residual, self.tap_weight, self.tap_bias, self.tap_jump, self.tap_out
         )
@@ -62,7 +65,7 @@ def _tapped(base: Any, mitigate: bool) -> type:
 
     def forward_mitigate(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = base.forward(self, *args, **kwargs)
-        hidden, residual, pair = _stream_parts(base, out)
+        hidden, residual = _stream_parts(base, out)
         torch.ops.misalign.project_mitigate(
             hidden,
             residual,
@@ -76,7 +79,7 @@ def _tapped(base: Any, mitigate: bool) -> type:
             self.tap_ctl,
             self.tap_applied,
         )
-        return (hidden, residual) if pair else residual
+        return out  # the tensors the op edited in place
 
     name = f"Tapped{base.__name__}"
     cls = type(name, (base,), {"forward": forward_mitigate if mitigate else forward})
