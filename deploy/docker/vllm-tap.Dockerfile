@@ -1,10 +1,12 @@
 # vLLM's OpenAI-compatible server with the tap plugin installed (misalign-monitor/vllm-tap).
 #   docker build -f deploy/docker/vllm-tap.Dockerfile -t misalign-monitor/vllm-tap:0.1.0 .
 #   CPU: --build-arg BASE=<a vllm-cpu image> -t misalign-monitor/vllm-tap:0.1.0-cpu
+# The base is the newest vLLM release in the tap's supported range (tap.plugin.SUPPORTED_VLLM,
+# checked at start): vLLM 0.33 on Python 3.12, whose GPU server runs Model Runner V2 by default.
 # The plugin is inactive until MISALIGN_TAP_BUNDLE is set (the manifests set it). The project's
-# own dependencies are installed, vLLM and torch are the base image's. Not built in this
-# project's CI: its machines have no Docker engine.
-ARG BASE=vllm/vllm-openai:v0.11.0
+# own dependencies are installed, vLLM and torch are the base image's (no extra: the `tap` extra
+# would reinstall vLLM). Not built in this project's CI: its machines have no Docker engine.
+ARG BASE=vllm/vllm-openai:v0.33.0
 FROM ${BASE}
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -1,0 +1,139 @@
+"""Finding decoder layers and reading their output, on torch modules built in the test.
+
+The real architectures run in tests/test_vllm_tap.py (vLLM) and tests/test_smollm2.py
+(transformers); here, the two output forms and the refusals, without a model to load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from bench.synthetic import synthetic_bundle
+from detectors import bundle as bundle_io
+from detectors.bundle import ModelRef
+from detectors.decoder_layers import find_decoder_layers
+from tap import layer_tap, projection_op, runner_hook, state
+from tap.settings import TapConfigError, TapSettings
+
+D, LAYERS = 8, 3
+
+
+class PairLayer(torch.nn.Module):
+    """As vLLM's Llama layer: returns (hidden, residual), the last add deferred."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), x
+
+
+class StreamLayer(PairLayer):
+    """As vLLM's GPT-2 and Granite layers: returns the residual stream itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x + self.lin(x)
+
+
+class TripleLayer(PairLayer):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return self.lin(x), x, x
+
+
+class Model(torch.nn.Module):
+    def __init__(self, layer: type[torch.nn.Module], where: str = "model") -> None:
+        super().__init__()
+        inner = torch.nn.Module()
+        inner.layers = torch.nn.ModuleList(layer() for _ in range(LAYERS))
+        # a deeper list of the same length (a MoE layer's experts) is not the decoder list
+        inner.layers[0].experts = torch.nn.ModuleList(torch.nn.Linear(1, 1) for _ in range(LAYERS))
+        setattr(self, where, inner)
+
+
+def bundle(tmp_path: Path) -> bundle_io.Bundle:
+    ref = ModelRef(name="toy", hidden_size=D, num_layers=LAYERS, architecture="Toy")
+    return synthetic_bundle(tmp_path / "b.safetensors", ref, 2, 2, 1.0)
+
+
+@pytest.mark.parametrize("where", ["model", "transformer"])
+def test_the_shallowest_list_of_num_layers_modules_is_the_decoder_list_of_modules_built_in_test(
+    where: str,
+) -> None:
+    model = Model(PairLayer, where)
+    assert find_decoder_layers(model, LAYERS) == list(getattr(model, where).layers)
+    assert "no list of 4 modules" in str(find_decoder_layers(model, 4))
+
+
+@pytest.mark.parametrize(("layer", "pair"), [(PairLayer, True), (StreamLayer, False)])
+def test_both_output_forms_project_the_residual_stream_of_modules_built_in_test(
+    tmp_path: Path, layer: type[PairLayer], pair: bool
+) -> None:
+    projection_op.register()
+    b = bundle(tmp_path)
+    model = Model(layer)
+    x = torch.randn(5, D)
+    with torch.inference_mode():  # as vLLM runs its forward
+        want = model.model.layers[1](x)
+        stream = (want[0] + want[1]) if pair else want
+        target = layer_tap.attach(model, b, rows=16, mitigate=False)
+        assert target is model.model.layers[1]
+        out = target(x)
+    if pair:
+        assert isinstance(out, tuple)
+        torch.testing.assert_close(out[0] + out[1], stream)
+    else:
+        torch.testing.assert_close(out, stream)  # returned unchanged
+    expect = stream.detach().numpy() @ b.directions.T + b.bias
+    np.testing.assert_allclose(target.tap_out[:5].numpy(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_of_another_output_is_refused_naming_its_class_of_modules_built_in_test(
+    tmp_path: Path,
+) -> None:
+    projection_op.register()
+    model = Model(TripleLayer)
+    target = layer_tap.attach(model, bundle(tmp_path), rows=16, mitigate=False)
+    with (
+        torch.inference_mode(),
+        pytest.raises(TapConfigError, match=r"test_layer_tap\.TripleLayer returns tuple of 3"),
+    ):
+        target(torch.randn(2, D))
+
+
+def test_a_model_without_a_decoder_list_is_refused_naming_its_class_of_modules_built_in_test(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(TapConfigError, match="Linear has no list of 3 modules"):
+        layer_tap.attach(torch.nn.Linear(D, D), bundle(tmp_path), rows=16, mitigate=False)
+
+
+def runner_stand_in(pp: int) -> SimpleNamespace:
+    """The attributes of a model runner that the load check reads (vLLM's config objects)."""
+    hf = SimpleNamespace(hidden_size=D, num_hidden_layers=LAYERS)
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=pp),
+    )
+
+
+def test_pipeline_parallelism_is_refused_at_load_on_a_runner_stand_in(tmp_path: Path) -> None:
+    cfg = state.Active(TapSettings(bundle=tmp_path / "b.safetensors"), bundle(tmp_path))
+    runner_hook._check_model(runner_stand_in(1), cfg, v2=False)
+    with pytest.raises(TapConfigError, match=r"pipeline parallelism \(pipeline_parallel_size=2\)"):
+        runner_hook._check_model(runner_stand_in(2), cfg, v2=False)
+
+
+def test_mitigation_under_model_runner_v2_is_refused_at_load_on_a_runner_stand_in(
+    tmp_path: Path,
+) -> None:
+    cfg = state.Active(TapSettings(bundle=tmp_path / "b.safetensors"), bundle(tmp_path))
+    cfg.mitigation = object()
+    runner_hook._check_model(runner_stand_in(1), cfg, v2=False)
+    with pytest.raises(TapConfigError, match="MISALIGN_TAP_MITIGATION is not supported under"):
+        runner_hook._check_model(runner_stand_in(1), cfg, v2=True)
