@@ -49,6 +49,7 @@ from detectors.errors import DataError, MisalignError, ModelError
 
 if TYPE_CHECKING:
     from detectors.activations import ActivationReader
+    from detectors.transcripts import Transcript
 
 DEFAULT_PROBES = Path(__file__).parent / "data" / "gate_probes.jsonl"
 PSI_FLOOR = 1e-4  # share given to an empty bin, so PSI stays finite
@@ -601,6 +602,21 @@ def check_pair(bundle: Bundle, base: ActivationReader, cand: ActivationReader) -
     base.check_layer(bundle.spec.layer)
 
 
+def probe_transcripts(prompts: Sequence[str], answers: Sequence[str]) -> list[Transcript]:
+    """Each probe with its answer, as a one-turn conversation (an empty answer read as "...")."""
+    from detectors.transcripts import Message, Transcript
+
+    return [
+        Transcript(
+            messages=(
+                Message(role="user", content=p),
+                Message(role="assistant", content=a.strip() or "..."),
+            )
+        )
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+
+
 def model_scores(
     bundle: Bundle,
     reader: ActivationReader,
@@ -614,20 +630,11 @@ def model_scores(
     """Greedy answers to each probe, then each answer scored as the sidecar would score it."""
     from detectors.extract import generate
     from detectors.offline import score_records
-    from detectors.transcripts import Message, Transcript
 
     answers = generate(
         reader, [[{"role": "user", "content": p}] for p in prompts], new_tokens, batch_size
     )
-    records = [
-        Transcript(
-            messages=(
-                Message(role="user", content=p),
-                Message(role="assistant", content=a.strip() or "..."),
-            )
-        )
-        for p, a in zip(prompts, answers, strict=True)
-    ]
+    records = probe_transcripts(prompts, answers)
     values: dict[str, list[float]] = {n: [] for n in bundle.feature_names}
     for s in score_records(bundle, reader, records, max_tokens=max_tokens, progress=False):
         for f in s.features:

@@ -108,18 +108,10 @@ def explain(
     max_tokens: int = 256,
 ) -> Explanation:
     """Both models read each probe with the candidate's answer; ``decompose`` the differences."""
+    from detectors.gate import probe_transcripts
     from detectors.pooled import pooled_activations
-    from detectors.transcripts import Message, Transcript
 
-    records = [
-        Transcript(
-            messages=(
-                Message(role="user", content=p),
-                Message(role="assistant", content=a.strip() or "..."),
-            )
-        )
-        for p, a in zip(prompts, answers, strict=True)
-    ]
+    records = probe_transcripts(prompts, answers)
     layer = bundle.spec.layer
     acts = [
         pooled_activations(r, records, [layer], max_tokens=max_tokens, progress=False, cache=False)

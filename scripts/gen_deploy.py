@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -512,26 +511,10 @@ def render() -> dict[Path, str | bytes]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="fail if a generated file is stale")
-    args = ap.parse_args()
-    stale = []
-    for path, content in render().items():
-        data = content.encode() if isinstance(content, str) else content
-        if args.check:
-            if not path.exists() or path.read_bytes() != data:
-                stale.append(path.relative_to(ROOT))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            print(f"wrote {path.relative_to(ROOT)}")
-    if stale:
-        print(
-            "out of date (run: python scripts/gen_deploy.py): " + ", ".join(map(str, stale)),
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    sys.path.insert(0, str(ROOT))
+    from scripts.generated import write_or_check
+
+    return write_or_check("gen_deploy.py", __doc__.split("\n\n")[0], render)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import urllib.request
@@ -156,24 +155,9 @@ def render() -> dict[Path, str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="fail if a generated page is stale")
-    args = ap.parse_args()
-    stale = []
-    for path, text in render().items():
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(path.relative_to(ROOT))
-        else:
-            path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
-    if stale:
-        print(
-            "out of date (run: python scripts/gen_docs.py): " + ", ".join(map(str, stale)),
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    from scripts.generated import write_or_check
+
+    return write_or_check("gen_docs.py", __doc__.split("\n\n")[0], render)
 
 
 if __name__ == "__main__":
