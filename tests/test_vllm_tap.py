@@ -38,8 +38,20 @@ def prompts(tmp_path: Path) -> Path:
 
 
 def run_vllm(
-    model: Path, data: Path, *extra: str, timeout: int = 900, env: dict[str, str] | None = None
+    model: Path,
+    data: Path,
+    *extra: str,
+    timeout: int = 900,
+    env: dict[str, str] | None = None,
+    engine_process: bool = False,
 ) -> dict:  # type: ignore[type-arg]
+    """One vLLM child run. The engine runs inside the child unless ``engine_process``: the tap is
+    the same code either way, and each engine process costs a fresh import of vLLM (about 15 s,
+    twice: the engine core and its worker), which CI pays per test. The SmolLM2 parity runs keep
+    the processes users run."""
+    env = dict(env or vllm_env(VLLM_LOGGING_LEVEL="WARNING"))
+    if not engine_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     p = subprocess.run(
         [
             sys.executable,
@@ -54,7 +66,7 @@ def run_vllm(
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=env or vllm_env(VLLM_LOGGING_LEVEL="WARNING"),
+        env=env,
     )
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-3000:]
@@ -145,14 +157,21 @@ def test_tap_sends_the_offline_projection_of_every_token_and_changes_no_output(
     rec, addr = recorder
     extra = ["--compiled"] if mode == "compiled" else []
     result = run_vllm(
-        smollm2_dir, prompts(tmp_path), "--tap", str(BUNDLE), "--sidecar", addr, *extra
+        smollm2_dir,
+        prompts(tmp_path),
+        "--tap",
+        str(BUNDLE),
+        "--sidecar",
+        addr,
+        *extra,
+        engine_process=True,
     )
     assert check_parity(result, rec.batches, smollm2_dir) > 300
     assert all(b.bundle_id == bundle_io.load(BUNDLE).bundle_id for b in rec.batches)
     assert all(b.activated for b in rec.batches if b.projections)
     if mode == "eager":
         # The generated text is identical without the tap.
-        plain = run_vllm(smollm2_dir, prompts(tmp_path))
+        plain = run_vllm(smollm2_dir, prompts(tmp_path), engine_process=True)
         assert [o["output_token_ids"] for o in plain["outputs"]] == [
             o["output_token_ids"] for o in result["outputs"]
         ]
