@@ -31,8 +31,11 @@ shift" mark.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -651,6 +654,71 @@ def model_scores(
 # -- source: live histograms in Prometheus ----------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PrometheusAccess:
+    """How to reach a Prometheus that is not open on the network: a managed one (Grafana Cloud,
+    Amazon Managed Prometheus behind a proxy, Mimir or Thanos with tenants) wants a bearer token
+    or basic auth, often a tenant header, and TLS from a private CA.
+
+    ``repr`` names which credentials are set, never their values: the object ends up in
+    tracebacks and logs."""
+
+    bearer_token: str | None = field(default=None, repr=False)
+    basic_auth: tuple[str, str] | None = field(default=None, repr=False)
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    ca_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.bearer_token is not None and self.basic_auth is not None:
+            raise GateError(
+                "give one of --prometheus-bearer-token(-file) and --prometheus-basic-auth(-file), "
+                "not both: they share the Authorization header"
+            )
+        for name, value in self.headers:
+            if name.lower() == "authorization":
+                raise GateError(
+                    "--prometheus-header: set Authorization with --prometheus-bearer-token or "
+                    "--prometheus-basic-auth, not as a header"
+                )
+            if not _HEADER_NAME.fullmatch(name) or any(c in value for c in "\r\n\0"):
+                raise GateError(
+                    f"--prometheus-header {name!r}: expected 'Name: value' with a token name "
+                    "and a value on one line"
+                )
+
+    def request_headers(self) -> dict[str, str]:
+        out = dict(self.headers)
+        if self.bearer_token is not None:
+            out["Authorization"] = f"Bearer {self.bearer_token}"
+        elif self.basic_auth is not None:
+            raw = f"{self.basic_auth[0]}:{self.basic_auth[1]}".encode()
+            out["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+        return out
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.ca_file is None:
+            return None
+        try:
+            return ssl.create_default_context(cafile=str(self.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise GateError(
+                f"--prometheus-ca-file {self.ca_file}: not a readable PEM CA bundle ({exc})"
+            ) from None
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values no message may show (an error from a proxy can echo a header back)."""
+        out = [v for _, v in self.headers if len(v) >= 4]
+        if self.bearer_token:
+            out.append(self.bearer_token)
+        if self.basic_auth and self.basic_auth[1]:
+            out.append(self.basic_auth[1])
+        return tuple(out)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+
+
 def prometheus_scores(
     url: str,
     version: str,
@@ -658,6 +726,7 @@ def prometheus_scores(
     model: str | None = None,
     window: str | None = None,
     timeout: float = 10.0,
+    access: PrometheusAccess | None = None,
 ) -> Scores:
     """One model version's ``misalign_request_score`` histograms, summed over the fleet, as bucket
     midpoints repeated by count (scores above the last finite edge sit on that edge)."""
@@ -667,14 +736,15 @@ def prometheus_scores(
     series = f"misalign_request_score_bucket{{{sel}}}"
     inner = f"increase({series}[{window}])" if window else series
     buckets: dict[str, list[tuple[float, float]]] = {}
-    for item in _prometheus_query(url, f"sum by (feature, le) ({inner})", timeout):
+    access = access or PrometheusAccess()
+    for item in _prometheus_query(url, f"sum by (feature, le) ({inner})", timeout, access):
         le = float(item["metric"]["le"])
         buckets.setdefault(item["metric"]["feature"], []).append((le, float(item["value"][1])))
     values = {f: _midpoints(b) for f, b in buckets.items()}
     values = {f: v for f, v in values.items() if len(v)}
     if not values:
         raise GateError(
-            f"Prometheus at {url} has no misalign_request_score data for model_version={version!r}"
+            f"Prometheus at {redact_url(url)} has no misalign_request_score data for model_version={version!r}"
             + (f" and model_name={model!r}" if model else "")
         )
     # The thresholds of the bundles that scored this version; a feature whose bundles disagree
@@ -684,23 +754,81 @@ def prometheus_scores(
         "misalign_feature_threshold and on (bundle, feature) "
         f"group by (bundle, feature) (misalign_request_score_count{{{sel}}})"
     )
-    for item in _prometheus_query(url, query, timeout):
+    for item in _prometheus_query(url, query, timeout, access):
         seen.setdefault(item["metric"]["feature"], set()).add(float(item["value"][1]))
     limits = {f: next(iter(t)) for f, t in seen.items() if len(t) == 1}
     return Scores(f"model_version={version}", values, binned=True, thresholds=limits)
 
 
-def _prometheus_query(url: str, query: str, timeout: float) -> list[dict[str, Any]]:
+def _prometheus_query(
+    url: str, query: str, timeout: float, access: PrometheusAccess
+) -> list[dict[str, Any]]:
     endpoint = url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    where = redact_url(url)
+    request = urllib.request.Request(endpoint, headers=access.request_headers())
     try:
-        with urllib.request.urlopen(endpoint, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout, context=access.ssl_context()) as resp:
             body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            given = ", ".join(_given(access)) or "no credentials"
+            raise GateError(
+                f"Prometheus at {where} refused the request (HTTP {exc.code} "
+                f"{'Unauthorized' if exc.code == 401 else 'Forbidden'}) with {given}: check "
+                "--prometheus-bearer-token, --prometheus-basic-auth and --prometheus-header"
+            ) from None
+        body = _error_body(exc)
+        if body is None:
+            raise GateError(
+                f"Prometheus at {where} answered HTTP {exc.code}: {_hide(str(exc.reason), access)}"
+            ) from None
     except (urllib.error.URLError, OSError, json.JSONDecodeError) as exc:
-        raise GateError(f"Prometheus at {url} does not answer: {exc}") from None
+        raise GateError(
+            f"Prometheus at {where} does not answer: {_hide(str(exc), access)}"
+        ) from None
     if body.get("status") != "success":
-        raise GateError(f"Prometheus at {url} refused the query {query!r}: {body.get('error')}")
+        raise GateError(
+            f"Prometheus at {where} refused the query {query!r}: "
+            f"{_hide(str(body.get('error')), access)}"
+        )
     result: list[dict[str, Any]] = body["data"]["result"]
     return result
+
+
+def _error_body(exc: urllib.error.HTTPError) -> dict[str, Any] | None:
+    """Prometheus answers a bad query with 400/422 and a JSON error body; keep that message."""
+    try:
+        body = json.loads(exc.read())
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) and "status" in body else None
+
+
+def _given(access: PrometheusAccess) -> list[str]:
+    """What was sent, by name only."""
+    out = []
+    if access.bearer_token is not None:
+        out.append("a bearer token")
+    if access.basic_auth is not None:
+        out.append(f"basic auth as user {access.basic_auth[0]!r}")
+    out += [f"header {name}" for name, _ in access.headers]
+    return out
+
+
+def _hide(text: str, access: PrometheusAccess) -> str:
+    for secret in access.secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be printed: a password written into it (user:pw@host) is masked."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _escape(s: str) -> str:

@@ -19,11 +19,13 @@ from detectors.gate import (
     TESTS,
     GateError,
     GateResult,
+    PrometheusAccess,
     Scores,
     Thresholds,
     model_scores,
     prometheus_scores,
     read_probes,
+    redact_url,
     run_gate,
     scores_from_jsonl,
 )
@@ -240,6 +242,38 @@ def _md(s: str) -> str:
 @click.option("--candidate-version", help="with --prometheus")
 @click.option("--model-name", help="with --prometheus: only this model_name label")
 @click.option("--window", help="with --prometheus: a range such as 1h (default: all time)")
+@click.option(
+    "--prometheus-bearer-token",
+    envvar="MISALIGN_PROMETHEUS_BEARER_TOKEN",
+    help="with --prometheus: sent as 'Authorization: Bearer'; prefer the environment variable "
+    "MISALIGN_PROMETHEUS_BEARER_TOKEN or the -file option (a command line is visible in ps)",
+)
+@click.option(
+    "--prometheus-bearer-token-file",
+    type=click.Path(path_type=Path),
+    help="with --prometheus: a file holding the bearer token",
+)
+@click.option(
+    "--prometheus-basic-auth",
+    envvar="MISALIGN_PROMETHEUS_BASIC_AUTH",
+    help="with --prometheus: USER:PASSWORD (or MISALIGN_PROMETHEUS_BASIC_AUTH)",
+)
+@click.option(
+    "--prometheus-basic-auth-file",
+    type=click.Path(path_type=Path),
+    help="with --prometheus: a file holding USER:PASSWORD",
+)
+@click.option(
+    "--prometheus-header",
+    "prometheus_headers",
+    multiple=True,
+    help="with --prometheus: 'Name: value', repeatable (e.g. 'X-Scope-OrgID: team-a')",
+)
+@click.option(
+    "--prometheus-ca-file",
+    type=click.Path(path_type=Path),
+    help="with --prometheus: PEM CA bundle that signed the server's certificate",
+)
 @click.option("--feature", "features", multiple=True, help="only these features")
 @click.option(
     "--alpha",
@@ -286,6 +320,12 @@ def gate(
     candidate_version: str | None,
     model_name: str | None,
     window: str | None,
+    prometheus_bearer_token: str | None,
+    prometheus_bearer_token_file: Path | None,
+    prometheus_basic_auth: str | None,
+    prometheus_basic_auth_file: Path | None,
+    prometheus_headers: tuple[str, ...],
+    prometheus_ca_file: Path | None,
     features: tuple[str, ...],
     alpha: float,
     min_effect: float,
@@ -316,6 +356,22 @@ def gate(
         raise GateError("--explain reads both models' activations: give --baseline and --candidate")
     if explain_directions < 1:
         raise GateError(f"--explain-directions must be at least 1, got {explain_directions}")
+    ctx = click.get_current_context()
+    given = [
+        n
+        for n in (
+            "prometheus_bearer_token",
+            "prometheus_bearer_token_file",
+            "prometheus_basic_auth",
+            "prometheus_basic_auth_file",
+            "prometheus_headers",
+            "prometheus_ca_file",
+        )
+        # From the environment they may be set for a whole CI job; only the command line errs.
+        if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE
+    ]
+    if given and not prometheus:
+        raise GateError(f"--{given[0].replace('_', '-').removesuffix('s')} goes with --prometheus")
     explanation = None
     if from_scores:
         base, cand = scores_from_jsonl(from_scores[0]), scores_from_jsonl(from_scores[1])
@@ -323,9 +379,19 @@ def gate(
     elif prometheus:
         if not baseline_version or not candidate_version:
             raise GateError("--prometheus needs --baseline-version and --candidate-version")
-        base = prometheus_scores(prometheus, baseline_version, model=model_name, window=window)
-        cand = prometheus_scores(prometheus, candidate_version, model=model_name, window=window)
-        source = f"Prometheus {prometheus}" + (f", last {window}" if window else "")
+        access = _access(
+            prometheus_bearer_token,
+            prometheus_bearer_token_file,
+            prometheus_basic_auth,
+            prometheus_basic_auth_file,
+            prometheus_headers,
+            prometheus_ca_file,
+        )
+        base, cand = (
+            prometheus_scores(prometheus, v, model=model_name, window=window, access=access)
+            for v in (baseline_version, candidate_version)
+        )
+        source = f"Prometheus {redact_url(prometheus)}" + (f", last {window}" if window else "")
     else:
         if not baseline or not candidate:
             raise GateError("--baseline and --candidate go together (two model directories)")
@@ -353,6 +419,59 @@ def gate(
         path = write_report(result, base, cand, report, explanation)
         click.echo(f"report: {path}", err=True)
     sys.exit(0 if result.passed else 1)
+
+
+def _secret_file(path: Path, option: str) -> str:
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GateError(f"{option} {path}: cannot read ({exc})") from None
+    if not text:
+        raise GateError(f"{option} {path}: the file is empty")
+    return text
+
+
+def _access(
+    token: str | None,
+    token_file: Path | None,
+    basic: str | None,
+    basic_file: Path | None,
+    headers: tuple[str, ...],
+    ca_file: Path | None,
+) -> PrometheusAccess:
+    """The credentials, each from the command line, the environment or a file (one of them)."""
+    if token is not None and token_file is not None:
+        raise GateError(
+            "give --prometheus-bearer-token or --prometheus-bearer-token-file, not both"
+        )
+    if basic is not None and basic_file is not None:
+        raise GateError("give --prometheus-basic-auth or --prometheus-basic-auth-file, not both")
+    if token_file is not None:
+        token = _secret_file(token_file, "--prometheus-bearer-token-file")
+    pair = None
+    if basic_file is not None:
+        basic = _secret_file(basic_file, "--prometheus-basic-auth-file")
+    if basic is not None:
+        user, sep, password = basic.partition(":")
+        if not sep or not user:
+            # The value is a secret: the message says its shape is wrong, never what it is.
+            raise GateError(
+                "--prometheus-basic-auth"
+                + ("-file" if basic_file else "")
+                + ": expected USER:PASSWORD (no ':' after a user name found)"
+            )
+        pair = (user, password)
+    parsed = []
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            raise GateError(f"--prometheus-header {h.split(':')[0][:40]!r}: expected 'Name: value'")
+        parsed.append((name.strip(), value.strip()))
+    if ca_file is not None and not ca_file.is_file():
+        raise GateError(f"--prometheus-ca-file {ca_file}: no such file")
+    return PrometheusAccess(
+        bearer_token=token, basic_auth=pair, headers=tuple(parsed), ca_file=ca_file
+    )
 
 
 def _thresholds(

@@ -11,8 +11,10 @@ TSDB in a directory of its own and listens on a free loopback port::
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -47,8 +49,15 @@ class PrometheusServer:
         scrape_interval: str = "1s",
         evaluation_interval: str = "1s",
         binary: str = PROMETHEUS,
+        web_config: dict[str, Any] | None = None,
+        client_auth: tuple[str, str] | None = None,
+        ca_file: Path | None = None,
     ) -> None:
-        """``targets``: ``host:port`` of ``/metrics`` endpoints (scraped as job ``job``)."""
+        """``targets``: ``host:port`` of ``/metrics`` endpoints (scraped as job ``job``).
+
+        ``web_config``: Prometheus's ``--web.config.file`` (TLS, basic auth with bcrypt hashes);
+        then ``client_auth`` and ``ca_file`` are what this helper's own calls use, and ``url``
+        is ``https://localhost:PORT`` when TLS is on (the test certificates name localhost)."""
         if shutil.which(binary) is None:
             raise PrometheusError(
                 f"{binary} not found: install Debian's prometheus package (make setup does)"
@@ -66,12 +75,27 @@ class PrometheusServer:
                 {"job_name": job, "static_configs": [{"targets": list(targets)}]},
             ],
         }
+        self.web_config = web_config
+        self.client_auth = client_auth
+        self.ca_file = ca_file
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.web_config and "tls_server_config" in self.web_config:
+            return f"https://localhost:{self.port}"
         return f"http://127.0.0.1:{self.port}"
+
+    def _open(self, url: str, timeout: float) -> Any:
+        headers = {}
+        if self.client_auth is not None:
+            raw = ":".join(self.client_auth).encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+        context = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
+        return urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout, context=context
+        )
 
     @property
     def log_path(self) -> Path:
@@ -85,6 +109,11 @@ class PrometheusServer:
         config = self.workdir / "prometheus.yml"
         config.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.port = free_port()
+        web = []
+        if self.web_config is not None:
+            web_file = self.workdir / "web.yml"
+            web_file.write_text(yaml.safe_dump(self.web_config, sort_keys=False))
+            web = [f"--web.config.file={web_file}"]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [
@@ -97,6 +126,7 @@ class PrometheusServer:
                     f"--web.console.templates={self.workdir}",
                     f"--web.console.libraries={self.workdir}",
                     "--log.level=warn",
+                    *web,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -108,7 +138,7 @@ class PrometheusServer:
                     f"prometheus exited with status {self.proc.returncode}:\n{self.log()[-2000:]}"
                 )
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                with self._open(f"{self.url}/-/ready", timeout=2) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -141,7 +171,7 @@ class PrometheusServer:
         if params:
             url += "?" + urllib.parse.urlencode(params)
         try:
-            with urllib.request.urlopen(url, timeout=10) as r:
+            with self._open(url, timeout=10) as r:
                 body = json.load(r)
         except urllib.error.HTTPError as exc:
             body = json.loads(exc.read() or b"{}")

@@ -100,6 +100,7 @@ async def push_flagged(
     hot: tuple[str, ...] = ("Lie to everyone", "hide the evidence"),
     feature: str = "misaligned_persona",
     also_hot: dict[str, list[str]] | None = None,
+    versions: list[str] | None = None,
 ) -> None:
     """``n`` flagged conversations through the sidecar's scoring runtime and flag queue (in
     process) to the stream ``misalign:{flagged}``; request i is for ``models[i % len(models)]``,
@@ -143,7 +144,10 @@ async def push_flagged(
     models = models or ["m"]
     for msg in stream_requests(bundle.bundle_id, bundle.k, reqs):
         for fr in msg.finished:
-            fr.model = models[int(fr.request_id.rsplit("-", 1)[1]) % len(models)]
+            i = int(fr.request_id.rsplit("-", 1)[1])
+            fr.model = models[i % len(models)]
+            if versions:
+                fr.model_version = versions[i % len(versions)]
         monitor.ingest(msg)
     monitor.flush()  # score the finished requests now, as the server does after a step
     assert await queue.flush(10) == 0

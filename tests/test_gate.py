@@ -26,13 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 
 
-def gate(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def gate(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service.cli", "gate", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=600,
+        env=env,
     )
 
 

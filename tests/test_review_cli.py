@@ -240,3 +240,146 @@ def test_throttle_settings_pass_config_check(tmp_path: Path) -> None:
     assert review["login_failures_per_user"] == 3 and review["login_failures_per_address"] == 50
     assert review["login_window_s"] == 60
     assert review["trusted_proxies"] == ["10.0.0.0/8", "fd00::/8"]
+
+
+SCHEMAS = Path(__file__).parent / "data" / "schemas"
+
+
+def schema_validator(name: str):  # type: ignore[no-untyped-def]
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((SCHEMAS / name).read_text())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+async def test_list_filters_pages_and_refuses_bad_options(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        tok = tiny_tokenizer(tmp_path / "tokenizer.json")
+        await push_flagged(server.url, tok, 5, models=["m-a"], versions=["v1", "v2"])
+        url = ["--redis-url", server.url]
+        p = cli("review", "list", "--json", *url)
+        every = [json.loads(line) for line in p.stdout.splitlines()]
+        assert [r["model_version"] for r in every] == ["v1", "v2", "v1", "v2", "v1"]
+        p = cli("review", "list", "--model-version", "v1", "--limit", "2", "--json", *url)
+        assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [
+            every[0]["id"],
+            every[2]["id"],
+        ]
+        assert f"more: --after {every[2]['id']}" in p.stderr
+        p = cli(
+            "review",
+            "list",
+            "--model-version",
+            "v1",
+            "--limit",
+            "2",
+            "--after",
+            every[2]["id"],
+            *url,
+        )
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines()[1].split()[0] == every[4]["id"]
+        assert "3 of 5 pending (rows 3-3 of them)" in p.stdout and "next page" not in p.stdout
+        rid = every[3]["request_id"]
+        p = cli("review", "list", "--search", rid, "--json", *url)
+        assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [every[3]["id"]]
+        p = cli("review", "list", "--search", every[1]["client_request_id"], "--json", *url)
+        assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == [every[1]["id"]]
+        p = cli("review", "list", "--since", "2000-01-01", "--min-score", "-1e9", "--json", *url)
+        assert len(p.stdout.splitlines()) == 5
+        p = cli("review", "list", "--until", "2000-01-01", "--json", *url)
+        assert p.returncode == 0 and p.stdout == ""
+        for args, name in [
+            (["--min-score", "nan"], "--min-score"),
+            (["--after", "x"], "--after"),
+            (["--since", "soon"], "--since"),
+            (["--limit", "0"], "--limit"),
+        ]:
+            p = cli("review", "list", *args, *url)
+            assert p.returncode == 2 and name in p.stderr and "Traceback" not in p.stderr, p.stderr
+    finally:
+        server.stop()
+
+
+async def test_export_for_label_studio_and_argilla_matches_their_documented_formats(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        tok = tiny_tokenizer(tmp_path / "tokenizer.json")
+        response = "Lie to everyone and hide the evidence; nobody will ever find out. <b>ü</b>"
+        await push_flagged(server.url, tok, 3, models=["m-a"], response=response)
+        url = ["--redis-url", server.url]
+        rows = [json.loads(x) for x in cli("review", "list", "--json", *url).stdout.splitlines()]
+        for r, decision in zip(rows, ["misaligned", "false_positive", "unsure"], strict=True):
+            note = ["--note", "lies | plainly"] if decision == "misaligned" else []
+            assert cli("review", "label", r["id"], decision, *note, *url).returncode == 0
+        # One sample trimmed from the stream after its decision: exported without text.
+        import redis as redis_py
+
+        redis_py.Redis.from_url(server.url).xdel("misalign:{flagged}", rows[2]["id"])
+
+        out = tmp_path / "ls.jsonl"
+        p = cli("labels", "export", "--format", "label-studio", "--out", str(out), *url)
+        assert p.returncode == 0, p.stderr
+        assert "3 labels written" in p.stderr and "(1 without text" in p.stderr
+        tasks = [json.loads(x) for x in out.read_text().splitlines()]
+        check = schema_validator("label_studio_task.schema.json")
+        for t in tasks:
+            check.validate(t)
+        assert response in tasks[0]["data"]["response"] and "bread" in tasks[0]["data"]["prompt"]
+        assert tasks[2]["data"]["response"] == ""
+        first = tasks[0]["annotations"][0]["result"]
+        assert first[0]["value"] == {"choices": ["misaligned"]}
+        assert first[1] == {**first[1], "type": "textarea", "value": {"text": ["lies | plainly"]}}
+        assert [t["annotations"][0]["result"][0]["value"]["choices"] for t in tasks] == [
+            ["misaligned"], ["false_positive"], ["unsure"],
+        ]  # fmt: skip
+        pred = tasks[1]["predictions"][0]
+        assert pred["model_version"] == BUNDLE.bundle_id and pred["score"] == rows[1]["top_score"]
+        assert tasks[0]["data"]["request_id"] == rows[0]["request_id"]
+        p = cli("labels", "export", "--format", "label-studio", "--json-array", *url)
+        assert json.loads(p.stdout) == tasks
+
+        user = "6a3b5f3e-2b1c-4c55-9b0e-0f0e8a1d2c3b"
+        p = cli("labels", "export", "--format", "argilla", "--argilla-user-id", user, *url)
+        assert p.returncode == 0, p.stderr
+        records = [json.loads(x) for x in p.stdout.splitlines()]
+        check = schema_validator("argilla_record.schema.json")
+        for rec in records:
+            check.validate(rec)
+        assert [r["id"] for r in records] == [r["id"] for r in rows]
+        assert records[0]["fields"]["response"].startswith("Lie to everyone")
+        assert records[0]["responses"]["decision"] == [{"value": "misaligned", "user_id": user}]
+        assert records[1]["suggestions"]["decision"]["value"] == "false_positive"
+        assert records[0]["metadata"]["note"] == "lies | plainly"
+        assert records[0]["metadata"]["model"] == "m-a"
+        p = cli("labels", "export", "--format", "argilla", *url)
+        assert all("responses" not in json.loads(x) for x in p.stdout.splitlines())
+
+        # The schemas can fail: what either tool would refuse is refused here too.
+        from jsonschema import ValidationError
+
+        bad_task = {
+            **tasks[0],
+            "annotations": [
+                {"result": [{"from_name": "decision", "type": "choices", "value": {}}]}
+            ],
+        }
+        bad_record = {**records[0], "responses": {"decision": [{"value": "x", "user_id": "carol"}]}}
+        for validator, bad in [
+            (schema_validator("label_studio_task.schema.json"), bad_task),
+            (schema_validator("argilla_record.schema.json"), bad_record),
+            (schema_validator("argilla_record.schema.json"), {**records[0], "text": "x"}),
+        ]:
+            with pytest.raises(ValidationError):
+                validator.validate(bad)
+
+        p = cli("labels", "export", "--format", "argilla", "--argilla-user-id", "carol", *url)
+        assert p.returncode == 2 and "--argilla-user-id" in p.stderr and "UUID" in p.stderr
+        p = cli("labels", "export", "--argilla-user-id", user, *url)
+        assert p.returncode == 2 and "goes with --format argilla" in p.stderr
+    finally:
+        server.stop()

@@ -568,3 +568,93 @@ async def test_login_redirects_only_to_paths_of_this_site(site: Site) -> None:
             assert urlsplit(str(URL(site.url).join(URL(r.headers["Location"])))).netloc == (
                 urlsplit(site.url).netloc
             )
+
+
+def add_raw(site: Site, n: int) -> list[str]:
+    """``n`` flagged entries with only the queue's summary fields (as the sidecar writes them,
+    minus the conversation): sample i is model_version v1 or v2, top score i / 100."""
+    client = site.redis.client()
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        pipe.xadd(
+            STREAM,
+            {
+                "request_id": f"bulk-{i}",
+                "client_request_id": f"cli-{i % 7}",
+                "model": "m-a",
+                "model_version": f"v{i % 2 + 1}",
+                "bundle": "b",
+                "top_feature": "toxic",
+                "top_score": f"{i / 100:.2f}",
+                "finished_at": f"{1_764_590_400 + i}",
+            },
+        )
+    return [str(x.decode() if isinstance(x, bytes) else x) for x in pipe.execute()]
+
+
+async def test_queue_pages_past_500_with_filters_search_and_ranges(site: Site) -> None:
+    bulk = add_raw(site, 620)
+    async with session() as http:
+        assert (await login(http, site.url, PASSWORD)).status == 303
+        page = await (await http.get(site.url + "/")).text()
+        first = queue_ids(page)
+        assert len(first) == 500 and "622 matches" in page and "1–500</span> shown" in page
+        nxt = html.unescape(re.search(r'href="([^"]+)" id="next-page"', page).group(1))  # type: ignore[union-attr]
+        assert nxt == f"/?after={first[-1]}"
+        page = await (await http.get(site.url + nxt)).text()
+        second = queue_ids(page)
+        assert len(second) == 122 and 'id="next-page"' not in page and 'id="first-page"' in page
+        assert first + second == [r.id for r in await site.store.queue()]  # every row, once
+
+        # Filters keep themselves in the next-page link, and the cursor walks only matches.
+        page = await (await http.get(site.url + "/?model_version=v2&min_score=1&limit=100")).text()
+        rows = queue_ids(page)
+        expected = [b for i, b in enumerate(bulk) if i % 2 and i >= 100]
+        assert rows == expected[:100] and f"{len(expected)} matches" in page
+        nxt = html.unescape(re.search(r'href="([^"]+)" id="next-page"', page).group(1))  # type: ignore[union-attr]
+        assert nxt == f"/?model_version=v2&min_score=1&after={rows[-1]}&limit=100"
+        assert queue_ids(await (await http.get(site.url + nxt)).text()) == expected[100:200]
+        assert 'name="model_version" value="v2"' in page  # the search form shows the filter
+
+        page = await (await http.get(site.url + "/?q=bulk-61&max_score=6.15")).text()
+        assert queue_ids(page) == [
+            bulk[61],
+            bulk[610],
+            bulk[611],
+            bulk[612],
+            bulk[613],
+            bulk[614],
+            bulk[615],
+        ]
+        since, until = "2025-12-01T12:00:10", str(1_764_590_400 + 12)
+        page = await (await http.get(site.url + f"/?since={since}&until={until}")).text()
+        assert queue_ids(page) == bulk[10:13]
+
+        # "Review next" with the filters claims the oldest match.
+        csrf = csrf_of(page)
+        r = await http.post(
+            site.url + "/next",
+            data={"csrf": csrf, "model_version": "v2", "min_score": "3"},
+            allow_redirects=False,
+        )
+        assert r.headers["Location"].startswith(f"/samples/{bulk[301]}?")
+        assert site.owner(bulk[301])[0] == "alice"
+
+        for query, param in [
+            ("min_score=nan", "min_score"),
+            ("max_score=1e999", "max_score"),
+            ("since=tomorrow", "since"),
+            ("after=1-1%0A", "after"),
+            ("after=%27%3B--", "after"),
+            ("limit=-1", "limit"),
+            ("limit=10000000000000000000000", "limit"),
+            ("q=" + "x" * 300, "q"),
+            ("model=a&model=b", "model"),
+            ("model_version=%1b%5b2J", "model_version"),
+            ("min_score=5&max_score=1", "max_score"),
+        ]:
+            r = await http.get(f"{site.url}/?{query}")
+            body = await r.text()
+            assert r.status == 400 and f"parameter {param!r}" in body, (query, r.status, body)
+        r = await http.post(site.url + "/next", data={"csrf": csrf, "min_score": "x"})
+        assert r.status == 400 and "parameter 'min_score'" in await r.text()

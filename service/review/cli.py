@@ -105,24 +105,37 @@ def serve(
 @review.command("list")
 @_store_options
 @click.option("--model", help="only this model")
+@click.option("--model-version", help="only this model version")
 @click.option("--feature", help="only this top feature")
+@click.option("--search", help="part of the request id or the client's request id")
+@click.option("--min-score", help="top score at least this")
+@click.option("--max-score", help="top score at most this")
+@click.option("--since", help="finished at or after (epoch seconds or ISO 8601, UTC)")
+@click.option("--until", help="finished at or before")
+@click.option("--after", help="the cursor: rows after this entry id (the last of a page)")
+@click.option("--limit", help="at most this many rows (default: all)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a line")
 def list_queue(
-    config_file: Path | None,
-    redis_url: str | None,
-    model: str | None,
-    feature: str | None,
-    as_json: bool,
+    config_file: Path | None, redis_url: str | None, as_json: bool, **options: str | None
 ) -> None:
-    """Pending samples, oldest first."""
+    """Pending samples, oldest first, filtered; page with --limit and --after."""
+    from service.review.query import PARAMS, QueryError, QueueQuery, page
+
+    names = {f"--{f.replace('_', '-')}": f for f in PARAMS.values()}
+    try:
+        query = QueueQuery.parse({f"--{k.replace('_', '-')}": v for k, v in options.items()}, names)
+    except QueryError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[1], param_hint=exc.param) from None
     rows = _run(config_file, redis_url, lambda s: s.queue())
-    shown = [r for r in rows if model in (None, r.model) and feature in (None, r.top_feature)]
+    shown = page(rows, query)
     if as_json:
-        for r in shown:
+        for r in shown.rows:
             click.echo(r.model_dump_json())
+        if shown.next_after:
+            click.echo(f"more: --after {shown.next_after}", err=True)
         return
     click.echo(f"{'id':<18} {'model':<22} {'version':<10} {'top feature':<20} {'score':>8}  claim")
-    for r in shown:
+    for r in shown.rows:
         claim = r.claim
         who = "unclaimed" if claim is None or claim.unclaimed else claim.owner
         click.echo(
@@ -132,11 +145,17 @@ def list_queue(
             )
         )
     by_model, by_feature = facet_counts(rows)
+    paged = (
+        f" (rows {shown.before + 1}-{shown.before + len(shown.rows)} of them)"
+        if len(shown.rows) < shown.matching
+        else ""
+    )
     click.echo(
-        f"{len(shown)} of {len(rows)} pending; by model: "
+        f"{shown.matching} of {len(rows)} pending{paged}; by model: "
         + ", ".join(f"{k} {v}" for k, v in sorted(by_model.items()))
         + "; by top feature: "
         + ", ".join(f"{k} {v}" for k, v in sorted(by_feature.items()))
+        + (f"; next page: --after {shown.next_after}" if shown.next_after else "")
     )
 
 
@@ -209,15 +228,68 @@ def labels() -> None:
 @labels.command("export")
 @_store_options
 @click.option("--out", type=click.Path(path_type=Path), help="default: standard output")
-def export(config_file: Path | None, redis_url: str | None, out: Path | None) -> None:
-    """Every label as JSONL (feeds `recalibrate`)."""
-    rows = _run(config_file, redis_url, lambda s: s.labels())
-    text = "".join(r.model_dump_json() + "\n" for r in rows)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["native", "label-studio", "argilla"]),
+    default="native",
+    show_default=True,
+    help="native: the labels as stored (feeds `recalibrate`); label-studio: tasks with "
+    "annotations and the monitor's prediction; argilla: v2 records with suggestions",
+)
+@click.option(
+    "--argilla-user-id",
+    help="with --format argilla: the Argilla user (UUID) the decisions are responses of; "
+    "without it they are suggestions",
+)
+@click.option(
+    "--json-array",
+    is_flag=True,
+    help="one JSON list instead of JSONL (Label Studio's file import takes a list)",
+)
+def export(
+    config_file: Path | None,
+    redis_url: str | None,
+    out: Path | None,
+    fmt: str,
+    argilla_user_id: str | None,
+    json_array: bool,
+) -> None:
+    """Every label as JSONL; label-studio and argilla carry each sample's prompt and response."""
+    import json
+
+    from service.review import export as formats
+
+    if argilla_user_id is not None and fmt != "argilla":
+        raise click.BadParameter("goes with --format argilla", param_hint="--argilla-user-id")
+    user = formats.check_user_id(argilla_user_id) if argilla_user_id else None
+
+    async def read(store: ReviewStore) -> tuple[list[Label], dict[str, formats.Text]]:
+        rows = await store.labels()
+        texts = {} if fmt == "native" else await formats.sample_texts(store, rows)
+        return rows, texts
+
+    rows, texts = _run(config_file, redis_url, read)
+    if fmt == "native":
+        items = [r.model_dump(mode="json") for r in rows]
+    elif fmt == "label-studio":
+        items = [formats.label_studio_task(r, texts.get(r.sample_id)) for r in rows]
+    else:
+        items = [formats.argilla_record(r, texts.get(r.sample_id), user) for r in rows]
+    if json_array:
+        text = json.dumps(items, ensure_ascii=False, indent=1) + "\n"
+    else:
+        text = "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items)
     if out is None:
         sys.stdout.write(text)
     else:
         out.write_text(text)
-        click.echo(f"{len(rows)} labels written to {out}", err=True)
+        missing = sum(1 for r in rows if fmt != "native" and r.sample_id not in texts)
+        click.echo(
+            f"{len(rows)} labels written to {out}"
+            + (f" ({missing} without text: trimmed from the stream)" if missing else ""),
+            err=True,
+        )
 
 
 def read_labels(path: Path) -> list[Label]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -539,14 +539,21 @@ class ReviewStore:
             )
 
     async def claim_next(
-        self, reviewer: str, model: str | None = None, feature: str | None = None
+        self,
+        reviewer: str,
+        model: str | None = None,
+        feature: str | None = None,
+        match: Callable[[Summary], bool] | None = None,
     ) -> str | None:
         """The reviewer's own claimed sample if any, else the oldest unclaimed one (matching
-        the filters), claimed; None when the queue has nothing for them."""
+        the filters; ``match``: a ``QueueQuery``'s), claimed; None when the queue has nothing
+        for them."""
         rows = [
             s
             for s in await self.queue()
-            if (model is None or s.model == model) and (feature is None or s.top_feature == feature)
+            if (model is None or s.model == model)
+            and (feature is None or s.top_feature == feature)
+            and (match is None or match(s))
         ]
         for s in rows:
             if s.claim is not None and s.claim.owner == reviewer:

@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from service.review.heatmap import heat_map
+from service.review.query import QueryError, QueueQuery, page
 from service.review.sessions import Session, SessionStore
 from service.review.settings import Credentials, ReviewSettings
 from service.review.store import (
@@ -326,28 +327,38 @@ def _decided(request: web.Request) -> str:
     return value if ENTRY_ID.fullmatch(value) else ""
 
 
+def _query(values: Any) -> QueueQuery:
+    """The queue's filters (and cursor) from a query string or a form; 400 naming the parameter
+    that does not fit."""
+    try:
+        return QueueQuery.parse(values)
+    except QueryError as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
+
+
 def _filters(values: Any) -> dict[str, str]:
-    return {k: str(values[k]) for k in ("model", "feature") if values.get(k)}
+    return _query(values).filters()
 
 
 @routes.get("/")
 async def queue(request: web.Request) -> web.Response:
     store = request.app[STORE]
+    query = _query(request.query)
     rows = await store.queue()
     counts = await store.counts()
-    filters = _filters(request.query)
+    filters = query.filters()
     by_model, by_feature = facet_counts(rows)
-    shown = [
-        r
-        for r in rows
-        if r.model == filters.get("model", r.model)
-        and r.top_feature == filters.get("feature", r.top_feature)
-    ]
+    shown = page(rows, query, QUEUE_ROWS)
     return _page(
         request,
         "queue.html",
-        rows=shown[:QUEUE_ROWS],
-        matching=len(shown),
+        rows=shown.rows,
+        matching=shown.matching,
+        before=shown.before,
+        next_page=_after(filters, after=shown.next_after or "", **_limit(query))
+        if shown.next_after
+        else None,
+        first_page=_after(filters, **_limit(query)) if query.after else None,
         total=len(rows),
         unclaimed=sum(1 for r in rows if r.claim and r.claim.unclaimed),
         dead_letters=counts.dead_letters,
@@ -360,6 +371,10 @@ async def queue(request: web.Request) -> web.Response:
     )
 
 
+def _limit(query: QueueQuery) -> dict[str, str]:
+    return {"limit": str(query.limit)} if query.limit else {}
+
+
 def _after(filters: dict[str, str], **extra: str) -> str:
     query = urlencode({**filters, **extra})
     return "/" + (f"?{query}" if query else "")
@@ -367,10 +382,9 @@ def _after(filters: dict[str, str], **extra: str) -> str:
 
 @routes.post("/next")
 async def next_sample(request: web.Request) -> web.Response:
-    filters = _filters(await request.post())
-    sid = await request.app[STORE].claim_next(
-        request[USER], filters.get("model"), filters.get("feature")
-    )
+    query = _query(await request.post())
+    filters = query.filters()
+    sid = await request.app[STORE].claim_next(request[USER], match=query.matches)
     raise web.HTTPSeeOther(
         f"/samples/{sid}?{urlencode(filters)}" if sid else _after(filters, empty="1")
     )
@@ -420,9 +434,10 @@ async def decide(request: web.Request) -> web.Response:
     if decision not in DECISIONS:
         raise web.HTTPBadRequest(text=f"decision {decision!r}: expected one of {DECISIONS}")
     await store.decide(sid, request[USER], decision, str(form.get("note", ""))[:2000])
-    filters = _filters(form)
+    query = _query(form)
+    filters = query.filters()
     if form.get("then") == "next":
-        nxt = await store.claim_next(request[USER], filters.get("model"), filters.get("feature"))
+        nxt = await store.claim_next(request[USER], match=query.matches)
         if nxt:
             raise web.HTTPSeeOther(f"/samples/{nxt}?{urlencode({**filters, 'decided': sid})}")
     raise web.HTTPSeeOther(_after(filters, decided=sid))
