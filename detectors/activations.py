@@ -10,6 +10,13 @@ Each record becomes a token sequence rendered by the model's chat template, with
 marked prompt (0) or response (1). The response span is the assistant's text; the end-of-turn
 tokens after it are dropped, since a serving engine never feeds its final stop token back.
 Records with a plain ``text`` are one span, marked response.
+
+A real model is read in the dtype it is served in (``ReaderOptions.dtype``): the hook's tensor
+is the residual stream as that dtype computes it, widened to float32 exactly, i.e. what the tap
+sees in a vLLM serving that dtype (up to kernel differences). ``device_map="auto"`` spreads the
+layers over the devices accelerate finds (GPUs, then CPU). ``token_budget`` batches by padded
+tokens (rows x longest row) rather than by a record count, so short records go many to a forward
+and long ones few, and the peak activation memory is bounded whatever the lengths.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,6 +33,32 @@ from detectors.errors import ModelError
 from detectors.transcripts import Transcript
 
 PROMPT, RESPONSE = 0, 1
+Dtype = Literal["bfloat16", "float16", "float32"]
+DTYPES: tuple[Dtype, ...] = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReaderOptions:
+    """How a model is loaded and batched for reading (the offline CLI's ``--device``,
+    ``--dtype``, ``--device-map``, ``--token-budget``)."""
+
+    device: str = "cpu"
+    dtype: Dtype = "float32"
+    device_map: Literal["auto"] | None = None  # "auto": accelerate places the layers; no device
+    token_budget: int | None = None  # padded tokens per forward; None: batch_size records
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ModelError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device_map not in (None, "auto"):
+            raise ModelError(f"device_map: expected 'auto' or none, got {self.device_map!r}")
+        if self.device_map is not None and self.device != "cpu":
+            raise ModelError(
+                f"device_map {self.device_map!r} places the model itself; drop device "
+                f"{self.device!r}"
+            )
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ModelError(f"token_budget: expected a positive count, got {self.token_budget}")
 
 
 @dataclass(frozen=True)
@@ -42,16 +75,31 @@ class _StopForward(Exception):
 class ActivationReader:
     """Reads residual activations from a Hugging Face causal LM directory (Llama family)."""
 
-    def __init__(self, model_dir: Path, device: str = "cpu", model: object | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "cpu",
+        model: object | None = None,
+        *,
+        options: ReaderOptions | None = None,
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        opts = options or ReaderOptions(device=device)
+        self.options = opts
         self.model_dir = Path(model_dir)
-        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        self.model = model.to(self.device).eval()  # type: ignore[attr-defined]
+        dtype = getattr(torch, opts.dtype)
+        loaded: Any = model
+        if loaded is None:
+            extra = {"device_map": opts.device_map} if opts.device_map else {}
+            loaded = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, **extra)
+        if opts.device_map is None:
+            loaded = loaded.to(torch.device(opts.device), dtype=dtype)
+        self.model = loaded.eval()
+        # Inputs go where the embedding is (under a device map, the first layers' device).
+        self.device = self.model.get_input_embeddings().weight.device
         self.decoder_layers = _decoder_layers(self.model)
         self.num_layers = len(self.decoder_layers)
         self.hidden_size = int(self.model.config.hidden_size)
@@ -124,14 +172,20 @@ class ActivationReader:
             self.check_layer(layer)
         # Length-sorted batches waste little on padding; results are put back in input order.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        budget = self.options.token_budget
+        batches = (
+            _budget_batches([len(encoded[i][0]) for i in order], budget)
+            if budget is not None
+            else [(s, min(s + batch_size, len(order))) for s in range(0, len(order), batch_size)]
+        )
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id or 0
         done: dict[int, TokenActivations] = {}
         next_out = 0
         bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="rec")
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for start, end in batches:
+            batch = order[start:end]
             width = max(len(encoded[i][0]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -181,6 +235,19 @@ class ActivationReader:
             for h in handles:
                 h.remove()
         return captured
+
+
+def _budget_batches(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Spans ``[start, end)`` of ``lengths`` (ascending) whose padded size, rows times the
+    longest, stays within ``budget``; a record longer than the budget goes alone."""
+    spans, start = [], 0
+    for end in range(1, len(lengths) + 1):
+        if end - start > 1 and (end - start) * lengths[end - 1] > budget:
+            spans.append((start, end - 1))
+            start = end - 1
+    if start < len(lengths):
+        spans.append((start, len(lengths)))
+    return spans
 
 
 def _decoder_layers(model: Any) -> Sequence[Any]:

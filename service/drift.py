@@ -1,6 +1,6 @@
 """Live drift: each model version's recent request scores against the bundle's calibration.
 
-Per (model, model version) a ring buffer holds the last ``window`` request scores of every
+Per (model, model version, LoRA adapter) a ring buffer holds the last ``window`` request scores of every
 feature; a scrape turns it into gauges per feature, against the benign baseline the bundle was
 calibrated on (``Calibration``: mean, standard deviation, deciles):
 
@@ -26,10 +26,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from detectors.bundle import Bundle
-from service.metrics import MODEL_LABEL
+from service.metrics import ADAPTER_LABEL, BASE, MODEL_LABEL
 
 PSI_FLOOR = 1e-4  # share given to an empty bin, so PSI stays finite
-LABELS = [MODEL_LABEL, "model_version", "bundle", "feature"]
+LABELS = [MODEL_LABEL, "model_version", ADAPTER_LABEL, "bundle", "feature"]
 
 
 class _Window:
@@ -102,15 +102,17 @@ class DriftTracker(Collector):
                     (i, f.name, BaselineCDF(c.baseline_mean, c.baseline_std, c.quantiles))
                 )
         self.k = bundle.k
-        self._series: dict[tuple[str, str], _Window] = {}
+        self._series: dict[tuple[str, str, str], _Window] = {}
         if registry is not None:
             registry.register(self)
 
-    def observe(self, model: str, version: str, scores: np.ndarray) -> None:
-        """``scores [n, k]``: finished requests' feature scores (NaN: span had no tokens)."""
-        w = self._series.get((model, version))
+    def observe(self, model: str, version: str, scores: np.ndarray, adapter: str = BASE) -> None:
+        """``scores [n, k]``: finished requests' feature scores (NaN: span had no tokens); an
+        adapter's requests drift apart from the base model's (a fine-tune shipped as a LoRA)."""
+        key = (model, version, adapter)
+        w = self._series.get(key)
         if w is None:
-            w = self._series[model, version] = _Window(self.window, self.k)
+            w = self._series[key] = _Window(self.window, self.k)
         w.add(np.asarray(scores, np.float64).reshape(-1, self.k))
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -126,12 +128,12 @@ class DriftTracker(Collector):
                 ("misalign_drift_ks", "KS distance of the window from the benign decile CDF"),
             )
         }
-        for (model, version), w in list(self._series.items()):
+        for (model, version, adapter), w in list(self._series.items()):
             rows = w.rows[: min(w.n, self.window)]
             for i, name, base in self.features:
                 x = rows[:, i]
                 x = x[np.isfinite(x)]
-                labels = [model, version, self.bundle_id, name]
+                labels = [model, version, adapter, self.bundle_id, name]
                 fams["misalign_drift_window_requests"].add_metric(labels, float(len(x)))
                 if len(x) < self.min_requests:
                     continue

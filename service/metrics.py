@@ -1,10 +1,13 @@
 """Prometheus metrics of the sidecar, on an explicit registry.
 
-Labels are bounded: model, model version, bundle, feature, and fixed reason strings. Never a
-request id or text. Model and model version come from the client, so they pass through
-``LabelValues`` first: the operator's allow-list, or the first few distinct values seen, each at
-most ``max_chars`` long; any other value is reported as ``other`` and counted in
-``misalign_label_values_refused_total{label}``. Drop reasons and mitigation modes a sender reports
+Labels are bounded: model, model version, LoRA adapter, bundle, feature, and fixed reason
+strings. Never a request id or text. Model and model version come from the client, so they pass
+through ``LabelValues`` first: the operator's allow-list, or the first few distinct values seen,
+each at most ``max_chars`` long; any other value is reported as ``other`` and counted in
+``misalign_label_values_refused_total{label}``. The adapter (vLLM's LoRA name, which a server with
+runtime LoRA loading lets clients choose) is kept only when the operator lists it
+(``label_adapters``); the base model's requests carry ``adapter=""``, which Prometheus stores as
+no label at all, so a deployment without adapters has the series it had before. Drop reasons and mitigation modes a sender reports
 are kept only when they are ones this code knows (``DROP_REASONS``, ``MITIGATION_MODES``).
 """
 
@@ -41,6 +44,9 @@ DROP_REASONS = frozenset(
     }
 )
 MITIGATION_MODES = frozenset({"ablate", "steer"})  # tap/mitigation.py
+# The LoRA adapter's label (tap/runner_hook.py sends vLLM's lora_name; "" the base model).
+ADAPTER_LABEL = "adapter"
+BASE = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class LabelLimits:
     max_models: int = 8
     max_model_versions: int = 16
     max_chars: int = 64
+    adapters: tuple[str, ...] = ()  # kept; any other adapter is "other", the base model ""
 
 
 class LabelValues:
@@ -60,10 +67,18 @@ class LabelValues:
     ``max_chars``, becomes ``other`` and is counted."""
 
     def __init__(
-        self, label: str, allowed: tuple[str, ...], cap: int, max_chars: int, refused: Counter
+        self,
+        label: str,
+        allowed: tuple[str, ...],
+        cap: int,
+        max_chars: int,
+        refused: Counter,
+        *,
+        open_: bool | None = None,
     ) -> None:
         self._kept: set[str] = set(allowed)
-        self._open = not allowed
+        # Without an allow-list the first ``cap`` values are kept, unless ``open_`` is False.
+        self._open = not allowed if open_ is None else open_
         self.cap = cap
         self.max_chars = max_chars
         self._refused = refused.labels(label)
@@ -94,21 +109,21 @@ class ScoreHistograms(Collector):
     Prometheus families built at scrape time. Per-feature client histograms cost k locked updates
     per request, which dominated scoring."""
 
-    LABELS = (MODEL_LABEL, "model_version", "bundle", "feature")
+    LABELS = (MODEL_LABEL, "model_version", ADAPTER_LABEL, "bundle", "feature")
 
     def __init__(self, features: list[str], bundle_id: str, buckets: tuple[float, ...]) -> None:
         self.features = features
         self.bundle_id = bundle_id
         self.edges = np.asarray(buckets, np.float64)
-        self._series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._series: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
-    def observe(self, model: str, version: str, scores: np.ndarray) -> None:
+    def observe(self, model: str, version: str, scores: np.ndarray, adapter: str = BASE) -> None:
         """``scores [k]``, or ``[r, k]`` for r requests; NaN (no tokens in the span) is not
         observed."""
-        series = self._series.get((model, version))
+        series = self._series.get((model, version, adapter))
         if series is None:
             k = len(self.features)
-            series = self._series[model, version] = (
+            series = self._series[model, version, adapter] = (
                 np.zeros((k, len(self.edges) + 1), np.int64),
                 np.zeros(k, np.float64),
             )
@@ -125,12 +140,12 @@ class ScoreHistograms(Collector):
             "Request score per feature (the flag's aggregate)",
             labels=self.LABELS,
         )
-        for (model, version), (counts, sums) in list(self._series.items()):
+        for (model, version, adapter), (counts, sums) in list(self._series.items()):
             cum = np.cumsum(counts, axis=1)
             for i, name in enumerate(self.features):
                 buckets = [(_le(e), float(c)) for e, c in zip(self.edges, cum[i, :-1], strict=True)]
                 buckets.append(("+Inf", float(cum[i, -1])))
-                labels = [model, version, self.bundle_id, name]
+                labels = [model, version, adapter, self.bundle_id, name]
                 fam.add_metric(labels, buckets, None)
                 # add_metric leaves out _count and _sum when buckets go below zero (an OpenMetrics
                 # rule); the Prometheus text format has them, and rate(sum)/rate(count) needs them.
@@ -169,7 +184,15 @@ class Metrics:
             limits.max_chars,
             self.labels_refused,
         )
-        req = (MODEL_LABEL, "model_version", "bundle")
+        self.adapter = LabelValues(
+            ADAPTER_LABEL,
+            (BASE, *limits.adapters),
+            len(limits.adapters) + 1,
+            limits.max_chars,
+            self.labels_refused,
+            open_=False,
+        )
+        req = (MODEL_LABEL, "model_version", ADAPTER_LABEL, "bundle")
         feat = (*req, "feature")
         self.request_score = ScoreHistograms(
             bundle.feature_names, bundle.bundle_id, score_buckets(bundle)

@@ -91,6 +91,7 @@ class _Scored:
     finished_at: float
     mitigation: str = ""  # the tap's rules for this request, "" unmitigated
     mitigated_tokens: int = 0
+    adapter: str = ""  # the LoRA adapter that served it (as the tap sent it), "" the base model
 
     @property
     def features(self) -> list[FeatureScore]:
@@ -149,7 +150,7 @@ class Monitor:
         self.client_ids: OrderedDict[str, str] = OrderedDict()
         self.recent_limit = recent_scores
         self._sender_drops: OrderedDict[tuple[str, str, str], int] = OrderedDict()
-        self._labeled: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
+        self._labeled: dict[tuple[str, str, str], tuple[Any, list[Any]]] = {}
         self._tokens = metrics.tokens_ingested.labels(self.bundle_id)
         self._steps = metrics.steps_ingested.labels(self.bundle_id)
         # Finished requests wait here to be scored together: a pass over many requests costs
@@ -297,12 +298,17 @@ class Monitor:
         now = time.time()
         flagged = np.asarray(batch.flagged.any(axis=1))
         any_flag: list[bool] = flagged.tolist()
-        by_label: dict[tuple[str, str], list[int]] = {}
+        by_label: dict[tuple[str, str, str], list[int]] = {}
         results = []
         off = offsets.tolist()
-        model_label, version_label = self.metrics.model, self.metrics.model_version
+        m = self.metrics
+        model_label, version_label, adapter_label = m.model, m.model_version, m.adapter
         for i, fr in enumerate(finished):
-            labels = (model_label(fr.model), version_label(fr.model_version))
+            labels = (
+                model_label(fr.model),
+                version_label(fr.model_version),
+                adapter_label(fr.adapter),
+            )
             by_label.setdefault(labels, []).append(i)
             marks = self._mitigated.pop(fr.request_id, None) or _Marks("")
             mitigation, changed = marks.label, marks.changed
@@ -320,15 +326,16 @@ class Monitor:
                 now,
                 mitigation,
                 changed,
+                fr.adapter,
             )
             self._remember(result)
             results.append(result)
-        for (model, version), idx in by_label.items():
-            scored, flags = self._children(model, version)
+        for (model, version, adapter), idx in by_label.items():
+            scored, flags = self._children(model, version, adapter)
             scored.inc(len(idx))
-            self.metrics.request_score.observe(model, version, batch.score[idx])
+            self.metrics.request_score.observe(model, version, batch.score[idx], adapter)
             if self.drift is not None:
-                self.drift.observe(model, version, batch.score[idx])
+                self.drift.observe(model, version, batch.score[idx], adapter)
             for flag, n in zip(flags, batch.flagged[idx].sum(axis=0).tolist(), strict=True):
                 if n:
                     flag.inc(n)
@@ -352,7 +359,7 @@ class Monitor:
         return results
 
     def _count_mitigated(
-        self, labels: tuple[str, str], mitigation: str, changed: int, flagged: bool
+        self, labels: tuple[str, str, str], mitigation: str, changed: int, flagged: bool
     ) -> None:
         if not changed:
             return  # rules that never fired (@flagged, below the threshold): nothing was moved
@@ -366,12 +373,13 @@ class Monitor:
         m.requests_mitigated.labels(*labels, self.bundle_id, modes, flag).inc()
         m.tokens_mitigated.labels(*labels, self.bundle_id).inc(changed)
 
-    def _children(self, model: str, version: str) -> tuple[Any, list[Any]]:
-        """Labeled metric children for one (model, version), looked up once, not per request."""
-        key = (model, version)
+    def _children(self, model: str, version: str, adapter: str) -> tuple[Any, list[Any]]:
+        """Labeled metric children for one (model, version, adapter), looked up once, not per
+        request."""
+        key = (model, version, adapter)
         hit = self._labeled.get(key)
         if hit is None:
-            m, labels = self.metrics, (model, version, self.bundle_id)
+            m, labels = self.metrics, (model, version, adapter, self.bundle_id)
             hit = self._labeled[key] = (
                 m.requests_scored.labels(*labels),
                 [m.requests_flagged.labels(*labels, n) for n in self.bundle.feature_names],
@@ -413,6 +421,7 @@ class Monitor:
             "client_request_id": result.client_request_id,
             "model": result.model,
             "model_version": result.model_version,
+            "adapter": result.adapter,
             "bundle": self.bundle_id,
             "top_feature": top.name,
             "top_score": f"{top.score:.6g}",

@@ -207,6 +207,7 @@ async def start(settings: Settings) -> Sidecar:
             settings.label_max_models,
             settings.label_max_model_versions,
             settings.label_max_chars,
+            tuple(settings.label_adapters),
         ),
     )
     # Listeners first: a port taken is refused before a process (embedded Redis) is started.

@@ -175,6 +175,11 @@ class Settings(BaseSettings):
         default=16, ge=1, le=1000, description="without label_model_versions"
     )
     label_max_chars: int = Field(default=64, ge=1, le=1024, description="longer: other")
+    label_adapters: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapter names (vLLM's lora_name) kept as the adapter label; any other "
+        'adapter is "other", the base model ""',
+    )
     sample_text_chars: int = Field(
         default=32_768,
         ge=1024,
@@ -238,7 +243,12 @@ class Settings(BaseSettings):
             p = getattr(self, name)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"{name}: file not found: {p}")
-        for name in ("label_models", "label_model_versions"):
+        if "" in self.label_adapters or "other" in self.label_adapters:
+            raise ValueError(
+                'label_adapters: "" is the base model and "other" every unlisted adapter; '
+                "list adapter names only"
+            )
+        for name in ("label_models", "label_model_versions", "label_adapters"):
             long = [v for v in getattr(self, name) if len(v) > self.label_max_chars]
             if long:
                 raise ValueError(

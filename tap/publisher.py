@@ -144,8 +144,9 @@ class Publisher:
             mitigated=applied.tobytes() if applied is not None else b"",
         )
 
-    def finish(self, request_id: str, reason: str) -> None:
-        """A request ended (called by the scheduler, after its last step was submitted)."""
+    def finish(self, request_id: str, reason: str, adapter: str = "") -> None:
+        """A request ended (called by the scheduler, after its last step was submitted);
+        ``adapter`` is the LoRA adapter that served it, "" the base model."""
         self._step += 1
         client_id = _client_id(request_id)
         msg = pb.StepBatch(
@@ -161,6 +162,7 @@ class Publisher:
                     model=self.model_name,
                     model_version=self.settings.model_version,
                     finish_reason=reason,
+                    adapter=adapter,
                 )
             ],
         )

@@ -74,13 +74,27 @@ def install() -> None:
         cfg = state.active()
         if cfg is not None:
             try:
-                publisher(cfg).finish(request.request_id, str(getattr(request, "status", "")))
+                publisher(cfg).finish(
+                    request.request_id,
+                    str(getattr(request, "status", "")),
+                    adapter_name(getattr(request, "lora_request", None)),
+                )
             except Exception:
                 log.exception("misalign tap: could not report a finished request")
         return orig_free(self, request, *args, **kwargs)
 
     Scheduler._free_request = _free_request  # type: ignore[method-assign]
     _installed = True
+
+
+def adapter_name(lora_request: Any) -> str:
+    """The LoRA adapter a request is served with, as vLLM names it (``LoRARequest.lora_name``,
+    the name a client puts in ``model``); "" for the base model. The scheduler's ``Request``
+    holds it on the host for the request's whole life, so the finish notice carries it and
+    no engine step has to."""
+    if lora_request is None:
+        return ""
+    return str(getattr(lora_request, "lora_name", "") or "")
 
 
 def _install_v1() -> None:

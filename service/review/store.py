@@ -37,6 +37,7 @@ SUMMARY_FIELDS = (
     "client_request_id",
     "model",
     "model_version",
+    "adapter",
     "bundle",
     "top_feature",
     "top_score",
@@ -99,6 +100,7 @@ class Summary(BaseModel):
     client_request_id: str = ""
     model: str = ""
     model_version: str = ""
+    adapter: str = ""  # the LoRA adapter that served the request, "" the base model
     bundle: str = ""
     top_feature: str = ""
     top_score: float | None = None
@@ -194,6 +196,7 @@ class Label(BaseModel):
     client_request_id: str = ""
     model: str = ""
     model_version: str = ""
+    adapter: str = ""  # the LoRA adapter that served the request, "" the base model
     bundle: str = ""
     top_feature: str = ""
     top_score: float | None = None
