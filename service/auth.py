@@ -11,6 +11,10 @@
     the tests and benchmarks run);
   - client calls (``Score``, ``GetRequestScore``, ``DescribeBundle``) without a certificate need
     ``authorization: Bearer <api_token>`` metadata when ``api_token`` is set.
+- **JSON API** (``http_port``, service/http_api.py): the client calls over HTTP on
+  ``grpc_host``, with the TCP listener's TLS (and ``tls_client_ca``: a client certificate is
+  required, and a caller holding one needs no token); without a certificate, ``Authorization:
+  Bearer <api_token>`` when ``api_token`` is set. There is no Ingest over HTTP.
 - **Health port** (``health_port``): plaintext, a server of its own that holds only
   ``grpc.health.v1.Health``, for the kubelet's probes, which cannot present certificates.
 
@@ -65,16 +69,25 @@ def check_auth_settings(s: Settings) -> None:
     if token is not None and len(token) < 16:
         raise ValueError("api_token: at least 16 characters (a short token is soon guessed)")
     plaintext = s.tls_cert is None
-    if token is not None and plaintext and s.grpc_port is not None and not is_loopback(s.grpc_host):
+    tcp = s.grpc_port is not None or s.http_port is not None
+    if token is not None and plaintext and tcp and not is_loopback(s.grpc_host):
         raise ValueError(
             f"api_token on a plaintext listener on {s.grpc_host} would cross the network in "
             "clear; set tls_cert and tls_key"
         )
-    if s.health_port:
-        clash = {"grpc_port": s.grpc_port, "metrics_port": s.metrics_port}
-        for name, port in clash.items():
-            if port == s.health_port:
-                raise ValueError(f"health_port {s.health_port} is also {name}; give it its own")
+    ports = {
+        "grpc_port": s.grpc_port,
+        "metrics_port": s.metrics_port,
+        "health_port": s.health_port,
+        "http_port": s.http_port,
+    }
+    for own in ("health_port", "http_port"):
+        mine = ports[own]
+        if not mine:  # unset or 0 (any free port) clashes with nothing
+            continue
+        for name, port in ports.items():
+            if name != own and port == mine:
+                raise ValueError(f"{own} {mine} is also {name}; give it its own")
 
 
 def api_token(s: Settings) -> bytes | None:

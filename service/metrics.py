@@ -264,6 +264,17 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.score_waits = Counter(
+            "misalign_score_waits_total",
+            "Score lookups that waited for the request to be scored (GetRequestScore wait_s, "
+            "GET /v1/scores wait_s), by outcome: scored, timeout, cancelled (the caller left), "
+            "refused (score_waiters_max callers already waiting)",
+            ("outcome",),
+            registry=r,
+        )
+        self.score_waiters = Gauge(
+            "misalign_score_waiters", "Callers waiting for a score now", registry=r
+        )
         self.queue_pushes = Counter(
             "misalign_queue_pushes_total", "Flagged samples written to the Redis stream", registry=r
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,9 @@ class Monitor:
         self._mitigated: OrderedDict[str, _Marks] = OrderedDict()
         self._mitigated_limit = max_requests
         self._bias = bundle.bias
+        # Called with the request and client ids of each batch of requests scored (the server's
+        # long-polled lookups, service/score_waiters.py); None: nobody listens.
+        self.on_scored: Callable[[Iterable[str]], None] | None = None
 
     # -- ingest ------------------------------------------------------------------------------
 
@@ -339,6 +343,10 @@ class Monitor:
             for flag, n in zip(flags, batch.flagged[idx].sum(axis=0).tolist(), strict=True):
                 if n:
                     flag.inc(n)
+        if self.on_scored is not None:
+            self.on_scored(
+                [fr.request_id for fr in finished] + [fr.client_request_id for fr in finished]
+            )
         if self.queue is not None:
             for i in np.flatnonzero(flagged).tolist():
                 s, e = off[i], off[i + 1]

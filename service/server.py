@@ -25,6 +25,7 @@ from service.auth import AccessPolicy, AuthInterceptor, server_credentials
 from service.drift import DriftTracker
 from service.embedded_redis import EmbeddedRedis
 from service.flags import FlagQueue
+from service.http_api import HttpListener, start_http
 from service.ingest import BadInput, decode_rows
 from service.metrics import LabelLimits, Metrics
 from service.monitor import Monitor, default_tokenizer_path, load_tokenizer
@@ -32,6 +33,7 @@ from service.review.backlog import ReviewGauges, refresh_review_gauges
 from service.rpc import monitor_pb2 as pb
 from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.sample_worker import SampleWorker
+from service.score_waiters import ScoreWaiters, ShuttingDown, WaitersFull
 from service.settings import Settings, SettingsError
 from service.wire_guard import MalformedMessageInterceptor, receive_limit
 
@@ -40,8 +42,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Monitor"].full_name
 
 
 class MonitorServicer(pb_grpc.MonitorServicer):
-    def __init__(self, monitor: Monitor, score_delay_s: float = 0.005) -> None:
+    def __init__(
+        self, monitor: Monitor, waiters: ScoreWaiters, score_delay_s: float = 0.005
+    ) -> None:
         self.monitor = monitor
+        self.waiters = waiters
         # Requests finished in a step wait this long for those of the next steps, so that under
         # load one scoring pass covers several steps; a lookup of a waiting one scores it at once.
         self.score_delay_s = score_delay_s
@@ -103,20 +108,28 @@ class MonitorServicer(pb_grpc.MonitorServicer):
     async def GetRequestScore(
         self, request: pb.GetRequestScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.RequestScore:
-        hit = self.monitor.lookup(request.request_id)
+        rid, wait_s = request.request_id, request.wait_s
+        try:
+            hit = await self.waiters.get(rid, wait_s)
+        except BadInput as exc:
+            await self._refuse(context, "GetRequestScore", exc)
+        except WaitersFull as exc:
+            self.monitor.metrics.ingest_errors.labels("GetRequestScore", "waiters_full").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ShuttingDown as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if hit is None:
             self.monitor.metrics.ingest_errors.labels("GetRequestScore", "unknown_request").inc()
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"request_id {request.request_id!r}: no finished request with this id "
-                f"(the last {self.monitor.recent_limit} scores are kept)",
-            )
+            await context.abort(grpc.StatusCode.NOT_FOUND, self.waiters.not_found(rid, wait_s))
         assert hit is not None  # abort raises
         return hit
 
     async def DescribeBundle(
         self, request: pb.DescribeBundleRequest, context: grpc.aio.ServicerContext
     ) -> pb.BundleInfo:
+        return self.describe()
+
+    def describe(self) -> pb.BundleInfo:
         b = self.monitor.bundle
         feats = []
         for f in b.spec.features:
@@ -160,12 +173,20 @@ class Sidecar:
     http_server: object
     health_server: grpc.aio.Server | None = None  # the plaintext health-only port
     health_port: int | None = None
+    waiters: ScoreWaiters | None = None
+    http: HttpListener | None = None  # the JSON API (http_port)
+    http_port: int | None = None
     _expire_task: asyncio.Task[None] | None = None
     _review_task: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
         """Graceful: NOT_SERVING, stop accepting, let streams drain, flush the flag queue."""
         await self.health.enter_graceful_shutdown()
+        if self.waiters is not None:
+            # Long polls answer now (UNAVAILABLE, 503) rather than hold the drain up.
+            self.waiters.close()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(self.settings.shutdown_grace_s)
         if self.health_server is not None:
             await self.health_server.stop(0)
@@ -250,6 +271,8 @@ async def start(settings: Settings) -> Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         addr = f"{settings.grpc_host}:{settings.health_port}"
         health_port = _listen(health_server, addr, "health_port")
+    if settings.http_port:  # bound once the monitor exists; refused here if taken
+        _check_free(settings.grpc_host, settings.http_port, "http_port")
     try:
         http_server, _thread = start_http_server(
             settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
@@ -301,9 +324,12 @@ async def start(settings: Settings) -> Sidecar:
         samples=SampleWorker(queue, metrics, settings.buffer_size),
         sample_text_chars=settings.sample_text_chars,
     )
-    pb_grpc.add_MonitorServicer_to_server(
-        MonitorServicer(monitor, settings.score_delay_ms / 1e3), server
-    )
+    waiters = ScoreWaiters(monitor, metrics, settings.score_wait_max_s, settings.score_waiters_max)
+    servicer = MonitorServicer(monitor, waiters, settings.score_delay_ms / 1e3)
+    pb_grpc.add_MonitorServicer_to_server(servicer, server)
+    http = None
+    if settings.http_port is not None:
+        http = await start_http(settings, monitor, waiters, metrics, servicer.describe)
     await server.start()
     if health_server is not None:
         await health_server.start()
@@ -325,6 +351,9 @@ async def start(settings: Settings) -> Sidecar:
         http_server,
         health_server,
         health_port,
+        waiters,
+        http,
+        http.port if http is not None else None,
     )
     sidecar._expire_task = asyncio.create_task(_expire_loop(monitor, settings.request_timeout_s))
     sidecar._review_task = asyncio.create_task(
@@ -349,6 +378,9 @@ async def start(settings: Settings) -> Sidecar:
         metrics_port,
         "embedded redis" if embedded else redis_conn.redact_url(url),
     )
+    if http is not None:
+        scheme = "https" if settings.tls_cert else "http"
+        log.info("JSON API on %s://%s:%d/v1/", scheme, settings.grpc_host, http.port)
     return sidecar
 
 

@@ -84,10 +84,37 @@ class Settings(BaseSettings):
     )
     api_token: SecretStr | None = Field(
         default=None,
-        description="bearer token client calls (Score, GetRequestScore, DescribeBundle) over "
+        description="bearer token client calls (Score, GetRequestScore, DescribeBundle, the JSON API) over "
         "TCP must send as 'authorization: Bearer TOKEN'; unset: not asked",
     )
     api_token_file: Path | None = Field(default=None, description="a file holding api_token")
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="the JSON API (GET /v1/scores/ID, GET /v1/bundle, POST /v1/score) on "
+        "grpc_host, with the TCP listener's TLS and api_token; 0: any free port; unset: none",
+    )
+    http_max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=1 << 30,
+        description="largest JSON API request body; a larger one gets 413",
+    )
+    score_wait_max_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=600,
+        description="longest wait a GetRequestScore (wait_s) or GET /v1/scores (?wait_s=) may "
+        "ask for; a longer one is refused",
+    )
+    score_waiters_max: int = Field(
+        default=1024,
+        ge=0,
+        le=1_000_000,
+        description="callers waiting for a score at once; one more is refused "
+        "(RESOURCE_EXHAUSTED, 429) and counted in misalign_score_waits_total{outcome='refused'}",
+    )
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     redis_url: SecretStr | None = Field(

@@ -107,10 +107,12 @@ class ScoreRequest(_message.Message):
     def __init__(self, bundle_id: _Optional[str] = ..., k: _Optional[int] = ..., projections: _Optional[bytes] = ..., is_response: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetRequestScoreRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "wait_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    wait_s: float
+    def __init__(self, request_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class FeatureScore(_message.Message):
     __slots__ = ("name", "score", "threshold", "has_threshold", "flagged", "z", "prompt_mean", "response_mean", "response_max_rolling")

@@ -80,7 +80,8 @@ class MonitorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRequestScore(self, request, context):
-        """The score of one finished request, by the id the tap sent or the client-visible id.
+        """The score of one finished request, by the id the tap sent or the client-visible id
+        (X-Request-Id), waiting up to wait_s for it; NOT_FOUND when it is not scored by then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
