@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.detection import logreg_fit, minilm_embed
+from bench.detection import logreg_fit, minilm_cached
 
 FPR = 0.01
 
@@ -38,10 +38,12 @@ def tfidf_monitor(texts: Sequence[str], y: np.ndarray) -> Callable[[Sequence[str
 
 
 def minilm_monitor(texts: Sequence[str], y: np.ndarray) -> Callable[[Sequence[str]], np.ndarray]:
-    emb, _ = minilm_embed(list(texts))
+    # Cached by the texts: the training split is the same every run, and a rerun of the bench
+    # meets the same generated answers again.
+    emb = minilm_cached(list(texts))
 
     def score(new: Sequence[str]) -> np.ndarray:
-        x, _ = minilm_embed(list(new))
+        x = minilm_cached(list(new))
         return np.asarray(logreg_fit(emb, y, x))
 
     return score
