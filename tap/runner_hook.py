@@ -74,13 +74,30 @@ def install() -> None:
         cfg = state.active()
         if cfg is not None:
             try:
-                publisher(cfg).finish(request.request_id, str(getattr(request, "status", "")))
+                publisher(cfg).finish(
+                    request.request_id,
+                    str(getattr(request, "status", "")),
+                    traceparent_of(request),
+                )
             except Exception:
                 log.exception("misalign tap: could not report a finished request")
         return orig_free(self, request, *args, **kwargs)
 
     Scheduler._free_request = _free_request  # type: ignore[method-assign]
     _installed = True
+
+
+def traceparent_of(request: Any) -> str | None:
+    """The ``traceparent`` header the request arrived with, if vLLM kept it.
+
+    The scheduler's ``Request.trace_headers`` is the one place on the engine's side that holds
+    it (the workers' ``NewRequestData`` does not); vLLM's OpenAI server keeps the trace headers
+    only when it was started with ``--otlp-traces-endpoint``, and drops them otherwise."""
+    headers = getattr(request, "trace_headers", None)
+    if not headers:
+        return None
+    value = headers.get("traceparent")
+    return value if isinstance(value, str) else None
 
 
 def _install_v1() -> None:
