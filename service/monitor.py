@@ -6,6 +6,7 @@ Transport-free: the gRPC servicer and the tests drive it directly.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -302,7 +303,9 @@ class Monitor:
         for result, t0 in zip(results, arrived, strict=True):
             if result.trace is None:
                 continue
-            feats = result.features
+            # From the batch's arrays, not result.features: no per-feature objects made here.
+            scores = result.batch.score[result.index].tolist()
+            flags = result.batch.flagged[result.index].tolist()
             attrs: dict[str, Any] = {
                 "misalign.flagged": result.flagged,
                 "misalign.bundle_id": self.bundle_id,
@@ -312,12 +315,12 @@ class Monitor:
                 "misalign.client_request_id": result.client_request_id,
                 "misalign.tokens": result.tokens,
             }
-            for name, f in zip(names, feats, strict=True):
-                if f.score is not None and np.isfinite(f.score):
-                    attrs[f"misalign.score.{name}"] = float(f.score)
+            for name, score in zip(names, scores, strict=True):
+                if math.isfinite(score):
+                    attrs[f"misalign.score.{name}"] = score
             if result.mitigation:
                 attrs["misalign.mitigation"] = result.mitigation
-            flagged = [f.name for f in feats if f.flagged]
+            flagged = [n for n, f in zip(names, flags, strict=True) if f]
             self.tracer.emit(result.trace, wall_ns - int((now - t0) * 1e9), wall_ns, attrs, flagged)
 
     def score_rows(self, rows: Rows, model: str, model_version: str) -> pb.RequestScore:

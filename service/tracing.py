@@ -1,9 +1,11 @@
 """Score spans to an OTLP collector: each scored request that came with a W3C ``traceparent``
 gets a span ``misalign.score``, a child of the caller's span, carrying its scores and flag.
 
-Off unless ``otlp_endpoint`` is set. Export never holds up scoring: a span is handed to the
-OpenTelemetry SDK's batch processor (a bounded queue and a thread of its own, which sends over
-OTLP/gRPC and retries); when that queue is full the new span is dropped and counted
+Off unless ``otlp_endpoint`` is set. Export never holds up scoring: the scoring pass only
+appends each span's facts to a bounded queue; a thread of its own makes the SDK's spans (some
+hundred microseconds each, which the scoring pass would otherwise pay) and hands them to the
+OpenTelemetry SDK's batch processor (a bounded queue and another thread, which sends over
+OTLP/gRPC and retries); when either queue is full the new span is dropped and counted
 (``misalign_trace_spans_total{outcome="dropped_queue_full"}``), and a batch the collector refused
 or never answered is counted as ``export_failed``. The caller's sampling flag is obeyed (the
 SDK's parent-based sampler): a traceparent with flags ``00`` gets no span, only its trace id in
@@ -13,6 +15,8 @@ the flagged sample.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -127,6 +131,13 @@ class ScoreTracer:
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("misalign-monitor", VERSION)
         self._not_sampled = metrics.trace_spans.labels("not_sampled")
+        self._dropped = metrics.trace_spans.labels("dropped_queue_full")
+        self._cap = queue_size
+        self._facts: deque[tuple[TraceParent, int, int, dict[str, Any], list[str]]] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="misalign-spans", daemon=True)
+        self._thread.start()
 
     @classmethod
     def otlp(
@@ -157,7 +168,30 @@ class ScoreTracer:
         attributes: dict[str, Any],
         flagged: list[str],
     ) -> None:
-        """One scored request's span, child of the caller's span; never raises, never waits."""
+        """Queue one scored request's span (child of the caller's span); never waits."""
+        if len(self._facts) >= self._cap:
+            self._dropped.inc()
+            return
+        self._facts.append((parent, start_ns, end_ns, attributes, flagged))
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            while self._facts:
+                self._make(*self._facts.popleft())
+            if self._stop:
+                return
+
+    def _make(
+        self,
+        parent: TraceParent,
+        start_ns: int,
+        end_ns: int,
+        attributes: dict[str, Any],
+        flagged: list[str],
+    ) -> None:
         try:
             ctx = SpanContext(
                 parent.trace_id,
@@ -182,6 +216,9 @@ class ScoreTracer:
             log.exception("could not make the score span of a request")
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Send what is queued (up to ``timeout_s``), then stop the export thread."""
+        """Send what is queued (up to ``timeout_s``), then stop the export threads."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout_s)
         self.processor.force_flush(int(timeout_s * 1000))
         self.provider.shutdown()
