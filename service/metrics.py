@@ -313,6 +313,22 @@ class Metrics:
             "Flagged samples lost because building them (detokenise, redact) raised",
             registry=r,
         )
+        # Trace context (service/tracing.py): finishes by what their traceparent was, and the
+        # spans sent to the OTLP collector, or lost (queue full, export failed).
+        self.trace_contexts = Counter(
+            "misalign_trace_contexts_total",
+            "Finished requests by their W3C traceparent: valid, none, refused by the tap, or "
+            "refused here (malformed, too_long)",
+            ("outcome",),
+            registry=r,
+        )
+        self.trace_spans = Counter(
+            "misalign_trace_spans_total",
+            "Score spans for the OTLP collector: exported, not_sampled (the caller's flag), "
+            "dropped_queue_full, export_failed",
+            ("outcome",),
+            registry=r,
+        )
         self.build_info = Info("misalign_build", "Sidecar build", registry=r)
         self.build_info.info({"version": VERSION})
         self.bundle_info = Info("misalign_bundle", "Loaded direction bundle", registry=r)

@@ -6,12 +6,13 @@ Transport-free: the gRPC servicer and the tests drive it directly.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +25,11 @@ from service.metrics import Metrics
 from service.redaction import Redactor
 from service.rpc import monitor_pb2 as pb
 from service.sample_worker import SampleWorker
+from service.trace_context import REFUSED, BadTraceParent, TraceParent
+from service.trace_context import parse as parse_traceparent
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when spans are exported
+    from service.tracing import ScoreTracer
 
 log = logging.getLogger(__name__)
 # A sender's cumulative drop count above this is refused: 10^12 rows is 115 days at 100,000
@@ -93,6 +99,7 @@ class _Scored:
     mitigation: str = ""  # the tap's rules for this request, "" unmitigated
     mitigated_tokens: int = 0
     adapter: str = ""  # the LoRA adapter that served it (as the tap sent it), "" the base model
+    trace: TraceParent | None = None  # the request's W3C trace context, when it had a valid one
 
     @property
     def features(self) -> list[FeatureScore]:
@@ -133,8 +140,11 @@ class Monitor:
         redactor: Redactor | None = None,
         samples: SampleWorker | None = None,
         sample_text_chars: int = 32_768,
+        tracer: ScoreTracer | None = None,
     ) -> None:
         self.bundle = bundle
+        # Score spans to an OTLP collector (settings otlp_endpoint); None: none are made.
+        self.tracer = tracer
         self.redactor = redactor
         # None: flagged samples are built where they are scored (tests, benchmarks); the server
         # builds them on a thread of their own.
@@ -272,7 +282,51 @@ class Monitor:
         now = time.monotonic()
         for _, _, arrived in pending:
             self.metrics.scoring_latency.observe(now - arrived)
+        if self.tracer is not None:
+            self._spans(results, [arrived for _, _, arrived in pending], now)
         return results
+
+    def _trace(self, fr: pb.FinishedRequest) -> TraceParent | None:
+        """The finish's trace context, checked again here: the tap is a client like any."""
+        if not fr.traceparent:
+            return None
+        if fr.traceparent == REFUSED:
+            self.metrics.trace_contexts.labels("refused_at_tap").inc()
+            return None
+        try:
+            trace = parse_traceparent(fr.traceparent)
+        except BadTraceParent as exc:
+            self.metrics.trace_contexts.labels(exc.reason).inc()
+            return None
+        self.metrics.trace_contexts.labels("valid").inc()
+        return trace
+
+    def _spans(self, results: list[_Scored], arrived: list[float], now: float) -> None:
+        """Each traced request's span, from its finish arriving to its score (wall clock)."""
+        assert self.tracer is not None
+        wall_ns, names = time.time_ns(), self.bundle.feature_names
+        for result, t0 in zip(results, arrived, strict=True):
+            if result.trace is None:
+                continue
+            # From the batch's arrays, not result.features: no per-feature objects made here.
+            scores = result.batch.score[result.index].tolist()
+            flags = result.batch.flagged[result.index].tolist()
+            attrs: dict[str, Any] = {
+                "misalign.flagged": result.flagged,
+                "misalign.bundle_id": self.bundle_id,
+                "misalign.model": result.model,
+                "misalign.model_version": result.model_version,
+                "misalign.request_id": result.request_id,
+                "misalign.client_request_id": result.client_request_id,
+                "misalign.tokens": result.tokens,
+            }
+            for name, score in zip(names, scores, strict=True):
+                if math.isfinite(score):
+                    attrs[f"misalign.score.{name}"] = score
+            if result.mitigation:
+                attrs["misalign.mitigation"] = result.mitigation
+            flagged = [n for n, f in zip(names, flags, strict=True) if f]
+            self.tracer.emit(result.trace, wall_ns - int((now - t0) * 1e9), wall_ns, attrs, flagged)
 
     def score_rows(self, rows: Rows, model: str, model_version: str) -> pb.RequestScore:
         """Score rows without keeping or queueing anything (the unary Score call)."""
@@ -307,7 +361,10 @@ class Monitor:
         off = offsets.tolist()
         m = self.metrics
         model_label, version_label, adapter_label = m.model, m.model_version, m.adapter
+        untraced = 0
         for i, fr in enumerate(finished):
+            trace = self._trace(fr) if fr.traceparent else None
+            untraced += not fr.traceparent
             labels = (
                 model_label(fr.model),
                 version_label(fr.model_version),
@@ -331,9 +388,12 @@ class Monitor:
                 mitigation,
                 changed,
                 fr.adapter,
+                trace,
             )
             self._remember(result)
             results.append(result)
+        if untraced:
+            self.metrics.trace_contexts.labels("none").inc(untraced)
         for (model, version, adapter), idx in by_label.items():
             scored, flags = self._children(model, version, adapter)
             scored.inc(len(idx))
@@ -446,6 +506,11 @@ class Monitor:
                 },
             },
         }
+        if result.trace is not None:
+            # Found from the request's trace by its trace id; the traceparent names the caller's
+            # span (the parent of the score span, when one is exported).
+            sample["trace_id"] = result.trace.trace_id_hex
+            sample["traceparent"] = result.trace.header()
         if self.tokenizer is not None:
             sample["prompt_text"] = self.tokenizer.decode(
                 token_ids[roles == 0].tolist(), skip_special_tokens=False

@@ -197,6 +197,8 @@ class Sidecar:
             self._expire_task.cancel()
         if self._review_task:
             self._review_task.cancel()
+        if self.monitor.tracer is not None:  # blocks while it sends: off the event loop
+            await asyncio.to_thread(self.monitor.tracer.shutdown, self.settings.shutdown_grace_s)
         left = await self.queue.flush(self.settings.shutdown_grace_s)
         if left:
             log.warning("%d flagged samples could not reach redis before shutdown", left)
@@ -302,6 +304,18 @@ async def start(settings: Settings) -> Sidecar:
     )
     await queue.start()
     tok_path = settings.tokenizer or default_tokenizer_path(bundle)
+    tracer = None
+    if settings.otlp_endpoint is not None:
+        from service.tracing import ScoreTracer  # the OpenTelemetry SDK only when asked for
+
+        tracer = ScoreTracer.otlp(
+            metrics,
+            settings.otlp_endpoint,
+            tls_ca=settings.otlp_tls_ca,
+            timeout_s=settings.otlp_timeout_s,
+            service_name=settings.otlp_service_name,
+            queue_size=settings.otlp_queue_size,
+        )
     monitor = Monitor(
         bundle,
         metrics,
@@ -323,6 +337,7 @@ async def start(settings: Settings) -> Sidecar:
         ),
         samples=SampleWorker(queue, metrics, settings.buffer_size),
         sample_text_chars=settings.sample_text_chars,
+        tracer=tracer,
     )
     waiters = ScoreWaiters(monitor, metrics, settings.score_wait_max_s, settings.score_waiters_max)
     servicer = MonitorServicer(monitor, waiters, settings.score_delay_ms / 1e3)
@@ -367,7 +382,8 @@ async def start(settings: Settings) -> Sidecar:
         )
     )
     log.info(
-        "serving bundle %s (%s, layer %d) on %s%s%s; metrics on http://%s:%d/metrics; flags to %s",
+        "serving bundle %s (%s, layer %d) on %s%s%s; metrics on http://%s:%d/metrics; flags to "
+        "%s%s",
         bundle.bundle_id,
         bundle.spec.model.name,
         bundle.spec.layer,
@@ -377,6 +393,7 @@ async def start(settings: Settings) -> Sidecar:
         settings.metrics_host,
         metrics_port,
         "embedded redis" if embedded else redis_conn.redact_url(url),
+        f"; score spans to {settings.otlp_endpoint}" if tracer is not None else "",
     )
     if http is not None:
         scheme = "https" if settings.tls_cert else "http"

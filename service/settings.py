@@ -226,6 +226,27 @@ class Settings(BaseSettings):
     drift_min_requests: int = Field(
         default=100, gt=0, description="scores in the window before drift gauges are reported"
     )
+    # Score spans over OTLP/gRPC (service/tracing.py), for requests that came with a traceparent.
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/gRPC collector for score spans: http://host:4317 (plaintext) or "
+        "https://host:4317 (TLS); unset: no spans are made",
+    )
+    otlp_tls_ca: Path | None = Field(
+        default=None, description="CA bundle to verify an https:// collector; default: system's"
+    )
+    otlp_service_name: str = Field(
+        default="misalign-sidecar", min_length=1, max_length=128, description="service.name"
+    )
+    otlp_queue_size: int = Field(
+        default=2048,
+        ge=1,
+        le=1_000_000,
+        description="spans waiting for export; past it a span is dropped and counted",
+    )
+    otlp_timeout_s: float = Field(
+        default=10.0, gt=0, le=60, description="how long one export (with retries) may take"
+    )
     review: ReviewSettings = Field(
         default_factory=ReviewSettings, description="the review page (service/review)"
     )
@@ -266,6 +287,15 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"redact_patterns.{name}: not a regular expression ({exc})"
                 ) from None
+        if self.otlp_endpoint is not None:
+            from service.tracing import check_endpoint
+
+            try:
+                check_endpoint(self.otlp_endpoint)
+            except ValueError as exc:
+                raise ValueError(f"otlp_endpoint: {exc}") from None
+        if self.otlp_tls_ca is not None and not self.otlp_tls_ca.is_file():
+            raise ValueError(f"otlp_tls_ca: file not found: {self.otlp_tls_ca}")
         for name in ("bundle", "tokenizer"):
             p = getattr(self, name)
             if p is not None and not Path(p).is_file():

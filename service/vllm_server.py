@@ -40,9 +40,15 @@ def start(
     model_version: str = "demo",
     compiled: bool = False,
     tap_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    env_overrides: dict[str, str] | None = None,
+    log_stats: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """The server, started; ``tap_env`` adds tap settings (e.g. ``MISALIGN_TAP_MITIGATION``)."""
-    env = vllm_env()
+    """The server, started; ``tap_env`` adds tap settings (e.g. ``MISALIGN_TAP_MITIGATION``),
+    ``extra_args`` vLLM options (``--otlp-traces-endpoint``), ``env_overrides`` other
+    variables. ``log_stats``: keep vLLM's request stats, which its tracing needs (vLLM 0.32
+    answers a traced request 500 under ``--disable-log-stats``: an assert in its tracing)."""
+    env = vllm_env(**(env_overrides or {}))
     if bundle is not None:
         env.update(
             MISALIGN_TAP_BUNDLE=str(bundle),
@@ -70,10 +76,12 @@ def start(
         "1024",
         "--gpu-memory-utilization",
         "0.3",
-        "--disable-log-stats",
     ]
     if not compiled:
         args.append("--enforce-eager")
+    if not log_stats:
+        args.append("--disable-log-stats")
+    args += extra_args or []
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -106,8 +114,10 @@ def chat(
     request_id: str,
     max_tokens: int,
     vllm_xargs: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One chat completion; ``vllm_xargs`` reach the engine as the request's ``extra_args``."""
+    """One chat completion; ``vllm_xargs`` reach the engine as the request's ``extra_args``;
+    ``headers`` go with it (``traceparent``)."""
     fields: dict[str, Any] = {
         "model": "smollm2",
         "messages": messages,
@@ -120,7 +130,7 @@ def chat(
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=body,
-        headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+        headers={"Content-Type": "application/json", "X-Request-Id": request_id, **(headers or {})},
     )
     with urllib.request.urlopen(req, timeout=300) as r:
         return json.loads(r.read())

@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from detectors.bundle import Bundle
+from service import trace_context
 from service.rpc import monitor_pb2 as pb
 from service.rpc import monitor_pb2_grpc as pb_grpc
 from tap.settings import TapSettings
@@ -74,6 +75,7 @@ class Publisher:
         self._lock = threading.Lock()
         self._step = 0
         self.connected = False
+        self.traceparents_refused = 0
         self._in_flight: _Step | pb.StepBatch | None = None
         self._credentials = settings.channel_credentials()
         self._thread = threading.Thread(
@@ -144,11 +146,25 @@ class Publisher:
             mitigated=applied.tobytes() if applied is not None else b"",
         )
 
-    def finish(self, request_id: str, reason: str, adapter: str = "") -> None:
-        """A request ended (called by the scheduler, after its last step was submitted);
-        ``adapter`` is the LoRA adapter that served it, "" the base model."""
+    def finish(
+        self, request_id: str, reason: str, adapter: str = "", traceparent: str | None = None
+    ) -> None:
+        """A request ended (called by the scheduler, after its last step was submitted).
+
+        ``adapter``: the LoRA adapter that served it, "" the base model. ``traceparent``: the
+        request's W3C header as it arrived; only its normalised form goes on
+        (``service.trace_context``), or ``refused`` in place of a value that is not one."""
         self._step += 1
         client_id = _client_id(request_id)
+        trace = trace_context.normalise(traceparent)
+        if trace == trace_context.REFUSED:
+            self.traceparents_refused += 1
+            if self.traceparents_refused == 1:
+                log.warning(
+                    "misalign tap: request %s arrived with a traceparent that is not W3C Trace "
+                    "Context; sent on as 'refused' (counted by the sidecar), never as it came",
+                    client_id[:64],
+                )
         msg = pb.StepBatch(
             bundle_id=self.bundle_id,
             sender_id=self.sender_id,
@@ -163,6 +179,7 @@ class Publisher:
                     model_version=self.settings.model_version,
                     finish_reason=reason,
                     adapter=adapter,
+                    traceparent=trace,
                 )
             ],
         )

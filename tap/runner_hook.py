@@ -78,6 +78,7 @@ def install() -> None:
                     request.request_id,
                     str(getattr(request, "status", "")),
                     adapter_name(getattr(request, "lora_request", None)),
+                    traceparent_of(request),
                 )
             except Exception:
                 log.exception("misalign tap: could not report a finished request")
@@ -95,6 +96,19 @@ def adapter_name(lora_request: Any) -> str:
     if lora_request is None:
         return ""
     return str(getattr(lora_request, "lora_name", "") or "")
+
+
+def traceparent_of(request: Any) -> str | None:
+    """The ``traceparent`` header the request arrived with, if vLLM kept it.
+
+    The scheduler's ``Request.trace_headers`` is the one place on the engine's side that holds
+    it (the workers' ``NewRequestData`` does not); vLLM's OpenAI server keeps the trace headers
+    only when it was started with ``--otlp-traces-endpoint``, and drops them otherwise."""
+    headers = getattr(request, "trace_headers", None)
+    if not headers:
+        return None
+    value = headers.get("traceparent")
+    return value if isinstance(value, str) else None
 
 
 def _install_v1() -> None:

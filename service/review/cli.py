@@ -162,7 +162,8 @@ def list_queue(
 def _show_text(s: Sample) -> str:
     lines = [
         f"sample {s.id}  model {s.model} {s.model_version}  bundle {s.bundle}",
-        f"request {s.request_id}  client {s.client_request_id}",
+        f"request {s.request_id}  client {s.client_request_id}"
+        + (f"  trace {s.trace_id}" if s.trace_id else ""),
     ]
     if s.claim is not None:
         who = "unclaimed" if s.claim.unclaimed else s.claim.owner

@@ -42,6 +42,7 @@ SUMMARY_FIELDS = (
     "top_feature",
     "top_score",
     "finished_at",
+    "trace_id",
 )
 LABEL_FIELDS = (*SUMMARY_FIELDS, "features")
 
@@ -105,6 +106,7 @@ class Summary(BaseModel):
     top_feature: str = ""
     top_score: float | None = None
     finished_at: float | None = None
+    trace_id: str = ""  # the request's W3C trace id (32 hex), when it came with a traceparent
     claim: Claim | None = None
 
 
@@ -125,12 +127,19 @@ def _num(value: str | None) -> float | None:
         return None
 
 
+def _trace_id(value: str | None) -> str:
+    """The sidecar writes 32 lower-case hex digits; anything else in the stream is not shown."""
+    ok = value is not None and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    return value if ok and value is not None else ""
+
+
 def _summary_fields(entry_id: str, fields: dict[str, str], claim: Claim | None) -> dict[str, Any]:
     out: dict[str, Any] = {k: fields.get(k, "") for k in SUMMARY_FIELDS}
     out.update(
         id=entry_id,
         top_score=_num(fields.get("top_score")),
         finished_at=_num(fields.get("finished_at")),
+        trace_id=_trace_id(fields.get("trace_id")),
         claim=claim,
     )
     return out
@@ -201,6 +210,7 @@ class Label(BaseModel):
     top_feature: str = ""
     top_score: float | None = None
     finished_at: float | None = None
+    trace_id: str = ""
     features: list[FeatureResult] = []
 
     @classmethod
@@ -209,6 +219,7 @@ class Label(BaseModel):
         data["id"] = entry_id
         for key in ("top_score", "finished_at"):
             data[key] = _num(fields.get(key))
+        data["trace_id"] = _trace_id(fields.get("trace_id"))
         try:
             data["features"] = [
                 FeatureResult.model_validate(f) for f in json.loads(fields.get("features") or "[]")

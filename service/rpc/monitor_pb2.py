@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19misalign/v1/monitor.proto\x12\x0bmisalign.v1\"\xd8\x02\n\tStepBatch\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x04 \x03(\t\x12\x13\n\x0brow_offsets\x18\x05 \x03(\r\x12\x11\n\tpositions\x18\x06 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x07 \x01(\x0c\x12\x13\n\x0bis_response\x18\x08 \x01(\x0c\x12\t\n\x01k\x18\t \x01(\r\x12\x13\n\x0bprojections\x18\n \x01(\x0c\x12.\n\x08\x66inished\x18\x0b \x03(\x0b\x32\x1c.misalign.v1.FinishedRequest\x12(\n\x05\x64rops\x18\x0c \x01(\x0b\x32\x19.misalign.v1.DropCounters\x12\x11\n\tactivated\x18\r \x01(\x08\x12\x12\n\nmitigation\x18\x0e \x03(\t\x12\x11\n\tmitigated\x18\x0f \x01(\x0c\"\x8e\x01\n\x0f\x46inishedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\"\x85\x02\n\x0c\x44ropCounters\x12\x43\n\x0erows_by_reason\x18\x01 \x03(\x0b\x32+.misalign.v1.DropCounters.RowsByReasonEntry\x12\x45\n\x0fsteps_by_reason\x18\x02 \x03(\x0b\x32,.misalign.v1.DropCounters.StepsByReasonEntry\x1a\x33\n\x11RowsByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x34\n\x12StepsByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\">\n\rIngestSummary\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x04\"\x8f\x01\n\x0cScoreRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x13\n\x0bprojections\x18\x03 \x01(\x0c\x12\x13\n\x0bis_response\x18\x04 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x05 \x01(\x0c\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"<\n\x16GetRequestScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xbb\x01\n\x0c\x46\x65\x61tureScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x15\n\rhas_threshold\x18\x04 \x01(\x08\x12\x0f\n\x07\x66lagged\x18\x05 \x01(\x08\x12\t\n\x01z\x18\x06 \x01(\x01\x12\x13\n\x0bprompt_mean\x18\x07 \x01(\x01\x12\x15\n\rresponse_mean\x18\x08 \x01(\x01\x12\x1c\n\x14response_max_rolling\x18\t \x01(\x01\"\x9a\x02\n\x0cRequestScore\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\x12\x11\n\tbundle_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07\x66lagged\x18\x06 \x01(\x08\x12\x0e\n\x06tokens\x18\x07 \x01(\r\x12+\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32\x19.misalign.v1.FeatureScore\x12\x13\n\x0b\x66inished_at\x18\t \x01(\x01\x12\x11\n\tscored_at\x18\n \x01(\x01\x12\x12\n\nmitigation\x18\x0b \x01(\t\x12\x18\n\x10mitigated_tokens\x18\x0c \x01(\r\"\x17\n\x15\x44\x65scribeBundleRequest\"\x91\x01\n\x0b\x46\x65\x61tureInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04span\x18\x04 \x01(\t\x12\x0e\n\x06reduce\x18\x05 \x01(\t\x12\x0e\n\x06window\x18\x06 \x01(\r\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12\x15\n\rhas_threshold\x18\x08 \x01(\x08\"\xce\x01\n\nBundleInfo\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\r\n\x05layer\x18\x06 \x01(\r\x12\x0c\n\x04hook\x18\x07 \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x08 \x01(\r\x12*\n\x08\x66\x65\x61tures\x18\t \x03(\x0b\x32\x18.misalign.v1.FeatureInfo2\xaa\x02\n\x07Monitor\x12>\n\x06Ingest\x12\x16.misalign.v1.StepBatch\x1a\x1a.misalign.v1.IngestSummary(\x01\x12=\n\x05Score\x12\x19.misalign.v1.ScoreRequest\x1a\x19.misalign.v1.RequestScore\x12Q\n\x0fGetRequestScore\x12#.misalign.v1.GetRequestScoreRequest\x1a\x19.misalign.v1.RequestScore\x12M\n\x0e\x44\x65scribeBundle\x12\".misalign.v1.DescribeBundleRequest\x1a\x17.misalign.v1.BundleInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19misalign/v1/monitor.proto\x12\x0bmisalign.v1\"\xd8\x02\n\tStepBatch\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x04 \x03(\t\x12\x13\n\x0brow_offsets\x18\x05 \x03(\r\x12\x11\n\tpositions\x18\x06 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x07 \x01(\x0c\x12\x13\n\x0bis_response\x18\x08 \x01(\x0c\x12\t\n\x01k\x18\t \x01(\r\x12\x13\n\x0bprojections\x18\n \x01(\x0c\x12.\n\x08\x66inished\x18\x0b \x03(\x0b\x32\x1c.misalign.v1.FinishedRequest\x12(\n\x05\x64rops\x18\x0c \x01(\x0b\x32\x19.misalign.v1.DropCounters\x12\x11\n\tactivated\x18\r \x01(\x08\x12\x12\n\nmitigation\x18\x0e \x03(\t\x12\x11\n\tmitigated\x18\x0f \x01(\x0c\"\xa3\x01\n\x0f\x46inishedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"\x85\x02\n\x0c\x44ropCounters\x12\x43\n\x0erows_by_reason\x18\x01 \x03(\x0b\x32+.misalign.v1.DropCounters.RowsByReasonEntry\x12\x45\n\x0fsteps_by_reason\x18\x02 \x03(\x0b\x32,.misalign.v1.DropCounters.StepsByReasonEntry\x1a\x33\n\x11RowsByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x34\n\x12StepsByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\">\n\rIngestSummary\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x04\"\x8f\x01\n\x0cScoreRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x13\n\x0bprojections\x18\x03 \x01(\x0c\x12\x13\n\x0bis_response\x18\x04 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x05 \x01(\x0c\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"<\n\x16GetRequestScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xbb\x01\n\x0c\x46\x65\x61tureScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x15\n\rhas_threshold\x18\x04 \x01(\x08\x12\x0f\n\x07\x66lagged\x18\x05 \x01(\x08\x12\t\n\x01z\x18\x06 \x01(\x01\x12\x13\n\x0bprompt_mean\x18\x07 \x01(\x01\x12\x15\n\rresponse_mean\x18\x08 \x01(\x01\x12\x1c\n\x14response_max_rolling\x18\t \x01(\x01\"\x9a\x02\n\x0cRequestScore\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\x12\x11\n\tbundle_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07\x66lagged\x18\x06 \x01(\x08\x12\x0e\n\x06tokens\x18\x07 \x01(\r\x12+\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32\x19.misalign.v1.FeatureScore\x12\x13\n\x0b\x66inished_at\x18\t \x01(\x01\x12\x11\n\tscored_at\x18\n \x01(\x01\x12\x12\n\nmitigation\x18\x0b \x01(\t\x12\x18\n\x10mitigated_tokens\x18\x0c \x01(\r\"\x17\n\x15\x44\x65scribeBundleRequest\"\x91\x01\n\x0b\x46\x65\x61tureInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04span\x18\x04 \x01(\t\x12\x0e\n\x06reduce\x18\x05 \x01(\t\x12\x0e\n\x06window\x18\x06 \x01(\r\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12\x15\n\rhas_threshold\x18\x08 \x01(\x08\"\xce\x01\n\nBundleInfo\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\r\n\x05layer\x18\x06 \x01(\r\x12\x0c\n\x04hook\x18\x07 \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x08 \x01(\r\x12*\n\x08\x66\x65\x61tures\x18\t \x03(\x0b\x32\x18.misalign.v1.FeatureInfo2\xaa\x02\n\x07Monitor\x12>\n\x06Ingest\x12\x16.misalign.v1.StepBatch\x1a\x1a.misalign.v1.IngestSummary(\x01\x12=\n\x05Score\x12\x19.misalign.v1.ScoreRequest\x1a\x19.misalign.v1.RequestScore\x12Q\n\x0fGetRequestScore\x12#.misalign.v1.GetRequestScoreRequest\x1a\x19.misalign.v1.RequestScore\x12M\n\x0e\x44\x65scribeBundle\x12\".misalign.v1.DescribeBundleRequest\x1a\x17.misalign.v1.BundleInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,29 +38,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPBATCH']._serialized_start=43
   _globals['_STEPBATCH']._serialized_end=387
   _globals['_FINISHEDREQUEST']._serialized_start=390
-  _globals['_FINISHEDREQUEST']._serialized_end=532
-  _globals['_DROPCOUNTERS']._serialized_start=535
-  _globals['_DROPCOUNTERS']._serialized_end=796
-  _globals['_DROPCOUNTERS_ROWSBYREASONENTRY']._serialized_start=691
-  _globals['_DROPCOUNTERS_ROWSBYREASONENTRY']._serialized_end=742
-  _globals['_DROPCOUNTERS_STEPSBYREASONENTRY']._serialized_start=744
-  _globals['_DROPCOUNTERS_STEPSBYREASONENTRY']._serialized_end=796
-  _globals['_INGESTSUMMARY']._serialized_start=798
-  _globals['_INGESTSUMMARY']._serialized_end=860
-  _globals['_SCOREREQUEST']._serialized_start=863
-  _globals['_SCOREREQUEST']._serialized_end=1006
-  _globals['_GETREQUESTSCOREREQUEST']._serialized_start=1008
-  _globals['_GETREQUESTSCOREREQUEST']._serialized_end=1068
-  _globals['_FEATURESCORE']._serialized_start=1071
-  _globals['_FEATURESCORE']._serialized_end=1258
-  _globals['_REQUESTSCORE']._serialized_start=1261
-  _globals['_REQUESTSCORE']._serialized_end=1543
-  _globals['_DESCRIBEBUNDLEREQUEST']._serialized_start=1545
-  _globals['_DESCRIBEBUNDLEREQUEST']._serialized_end=1568
-  _globals['_FEATUREINFO']._serialized_start=1571
-  _globals['_FEATUREINFO']._serialized_end=1716
-  _globals['_BUNDLEINFO']._serialized_start=1719
-  _globals['_BUNDLEINFO']._serialized_end=1925
-  _globals['_MONITOR']._serialized_start=1928
-  _globals['_MONITOR']._serialized_end=2226
+  _globals['_FINISHEDREQUEST']._serialized_end=553
+  _globals['_DROPCOUNTERS']._serialized_start=556
+  _globals['_DROPCOUNTERS']._serialized_end=817
+  _globals['_DROPCOUNTERS_ROWSBYREASONENTRY']._serialized_start=712
+  _globals['_DROPCOUNTERS_ROWSBYREASONENTRY']._serialized_end=763
+  _globals['_DROPCOUNTERS_STEPSBYREASONENTRY']._serialized_start=765
+  _globals['_DROPCOUNTERS_STEPSBYREASONENTRY']._serialized_end=817
+  _globals['_INGESTSUMMARY']._serialized_start=819
+  _globals['_INGESTSUMMARY']._serialized_end=881
+  _globals['_SCOREREQUEST']._serialized_start=884
+  _globals['_SCOREREQUEST']._serialized_end=1027
+  _globals['_GETREQUESTSCOREREQUEST']._serialized_start=1029
+  _globals['_GETREQUESTSCOREREQUEST']._serialized_end=1089
+  _globals['_FEATURESCORE']._serialized_start=1092
+  _globals['_FEATURESCORE']._serialized_end=1279
+  _globals['_REQUESTSCORE']._serialized_start=1282
+  _globals['_REQUESTSCORE']._serialized_end=1564
+  _globals['_DESCRIBEBUNDLEREQUEST']._serialized_start=1566
+  _globals['_DESCRIBEBUNDLEREQUEST']._serialized_end=1589
+  _globals['_FEATUREINFO']._serialized_start=1592
+  _globals['_FEATUREINFO']._serialized_end=1737
+  _globals['_BUNDLEINFO']._serialized_start=1740
+  _globals['_BUNDLEINFO']._serialized_end=1946
+  _globals['_MONITOR']._serialized_start=1949
+  _globals['_MONITOR']._serialized_end=2247
 # @@protoc_insertion_point(module_scope)

@@ -41,20 +41,22 @@ class StepBatch(_message.Message):
     def __init__(self, bundle_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., row_offsets: _Optional[_Iterable[int]] = ..., positions: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., is_response: _Optional[bytes] = ..., k: _Optional[int] = ..., projections: _Optional[bytes] = ..., finished: _Optional[_Iterable[_Union[FinishedRequest, _Mapping]]] = ..., drops: _Optional[_Union[DropCounters, _Mapping]] = ..., activated: _Optional[bool] = ..., mitigation: _Optional[_Iterable[str]] = ..., mitigated: _Optional[bytes] = ...) -> None: ...
 
 class FinishedRequest(_message.Message):
-    __slots__ = ("request_id", "client_request_id", "model", "model_version", "finish_reason", "adapter")
+    __slots__ = ("request_id", "client_request_id", "model", "model_version", "finish_reason", "adapter", "traceparent")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     client_request_id: str
     model: str
     model_version: str
     finish_reason: str
     adapter: str
-    def __init__(self, request_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., finish_reason: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, request_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., finish_reason: _Optional[str] = ..., adapter: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class DropCounters(_message.Message):
     __slots__ = ("rows_by_reason", "steps_by_reason")
