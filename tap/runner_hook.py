@@ -77,8 +77,8 @@ def install() -> None:
                 publisher(cfg).finish(
                     request.request_id,
                     str(getattr(request, "status", "")),
-                    adapter_name(getattr(request, "lora_request", None)),
-                    traceparent_of(request),
+                    adapter=adapter_name(getattr(request, "lora_request", None)),
+                    traceparent=traceparent_of(request),
                 )
             except Exception:
                 log.exception("misalign tap: could not report a finished request")

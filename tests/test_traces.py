@@ -79,8 +79,8 @@ def test_the_tap_sends_only_the_normalised_header_or_refused(recorder) -> None: 
 
     rec, addr = recorder
     pub = Publisher(TapSettings(bundle=bundle_io.default_bundle_path(), sidecar=addr), BUNDLE, "m")
-    pub.finish("a-0123abcd", "FINISHED_STOPPED", f"01-{TRACE}-{SPAN}-01-x")
-    pub.finish("b-0123abcd", "FINISHED_STOPPED", f"00-{TRACE}-{SPAN}-01\r\nevil: 1")
+    pub.finish("a-0123abcd", "FINISHED_STOPPED", traceparent=f"01-{TRACE}-{SPAN}-01-x")
+    pub.finish("b-0123abcd", "FINISHED_STOPPED", traceparent=f"00-{TRACE}-{SPAN}-01\r\nevil: 1")
     pub.finish("c-0123abcd", "FINISHED_STOPPED", None)
     wait_until(lambda: sum(len(b.finished) for b in rec.batches) == 3, 20, "three finishes")
     got = {f.client_request_id: f.traceparent for b in rec.batches for f in b.finished}
