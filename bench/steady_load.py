@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from detectors.bundle import Bundle
-from service.ingest import encode_step
-from service.rpc import monitor_pb2 as pb
+from wire import monitor_pb2 as pb
+from wire.codec import encode_step
 
 
 @dataclass

@@ -3,7 +3,9 @@
     MisalignError
      ├── DataError      a transcript file: path, line, field
      ├── BundleError    a direction bundle: path, field
-     └── ModelError     a model directory or a layer that does not fit it
+     ├── ModelError     a model directory or a layer that does not fit it
+     └── BadInput       a message a client sent (wire.codec, the sidecar): the field, and a
+                        ``reason`` that is the refusal metric's label
 
 The CLI prints these as one line and exits non-zero; anything else is a bug and keeps its traceback.
 """
@@ -31,3 +33,11 @@ class BundleError(MisalignError):
 
 class ModelError(MisalignError):
     pass
+
+
+class BadInput(MisalignError):
+    """A message that cannot be used; ``reason`` is the metric label, the text names the field."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

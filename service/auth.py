@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from service.metrics import Metrics
-from service.tls_files import check_server_pair, read_pem
+from wire.tls_files import check_server_pair, read_pem
 
 if TYPE_CHECKING:
     from service.settings import Settings

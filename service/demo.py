@@ -82,8 +82,8 @@ def _send_and_report(
     import grpc
 
     from detectors.transcripts import read_jsonl
-    from service.rpc import monitor_pb2 as pb
-    from service.rpc import monitor_pb2_grpc as pb_grpc
+    from wire import monitor_pb2 as pb
+    from wire import monitor_pb2_grpc as pb_grpc
 
     records = read_jsonl(DEMO_CONVERSATIONS)
     click.echo(f"4/5 sending {len(records)} conversations through the OpenAI-compatible API")

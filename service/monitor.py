@@ -15,14 +15,16 @@ from typing import Any
 import numpy as np
 
 from detectors.bundle import Bundle
+from detectors.errors import BadInput
 from detectors.scoring import FeatureScore, RequestScores, Scorer
 from service.drift import DriftTracker
 from service.flags import FlagQueue
-from service.ingest import BadInput, RequestStore, Rows, decode_batch
+from service.ingest import RequestStore
 from service.metrics import Metrics
 from service.redaction import Redactor
-from service.rpc import monitor_pb2 as pb
 from service.sample_worker import SampleWorker
+from wire import monitor_pb2 as pb
+from wire.codec import Rows, decode_batch
 
 log = logging.getLogger(__name__)
 # A sender's cumulative drop count above this is refused: 10^12 rows is 115 days at 100,000

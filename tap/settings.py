@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detectors.errors import MisalignError
-from service.tls_files import read_pem
+from wire.tls_files import read_pem
 
 
 class TapConfigError(MisalignError):

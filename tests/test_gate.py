@@ -16,11 +16,11 @@ import pytest
 
 from detectors import bundle as bundle_io
 from detectors.gate import Thresholds, hedges_g, psi, run_gate
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.sidecar_process import start_sidecar
 from service.vllm_server import free_port
 from tests.prometheus import PrometheusServer
 from tests.sidecar import request_rows, stream_requests
+from wire import monitor_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
