@@ -45,7 +45,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from detectors.bundle import Bundle
-from detectors.errors import DataError, MisalignError, ModelError
+from detectors.errors import DataError, GateError, ModelError
 
 if TYPE_CHECKING:
     from detectors.activations import ActivationReader
@@ -58,10 +58,6 @@ THRESHOLD_TOLERANCE = 1e-5  # histogram edges hold thresholds rounded to 6 decim
 
 TestName = Literal["mean_shift", "threshold_rate", "upper_tail"]
 TESTS: tuple[TestName, ...] = ("mean_shift", "threshold_rate", "upper_tail")
-
-
-class GateError(MisalignError):
-    """Input the gate cannot compare: says which side and what is wrong."""
 
 
 class Thresholds(BaseModel):

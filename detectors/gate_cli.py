@@ -14,10 +14,10 @@ import click
 import numpy as np
 from pydantic import ValidationError
 
+from detectors.errors import GateError
 from detectors.gate import (
     DEFAULT_PROBES,
     TESTS,
-    GateError,
     GateResult,
     Scores,
     Thresholds,

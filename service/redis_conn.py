@@ -35,7 +35,7 @@ from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from detectors.errors import MisalignError
+from detectors.errors import RedisSettingsError
 from service.redis_keys import slot_problem
 
 if TYPE_CHECKING:
@@ -70,10 +70,6 @@ _SENTINEL_QUERY: dict[str, type] = {"sentinel_password": str, "sentinel_username
 
 
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._%-]+)(:\d{1,5})?")
-
-
-class RedisSettingsError(MisalignError):
-    pass
 
 
 def redact_url(url: str) -> str:

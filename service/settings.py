@@ -23,15 +23,11 @@ from pydantic_settings import (
 )
 
 from detectors.bundle import default_bundle_path
-from detectors.errors import MisalignError
+from detectors.errors import SettingsError
 from service import redis_keys
 from service.review.settings import ReviewSettings
 
 RedactionName = Literal["email", "phone", "api_key"]  # service/redaction.py BUILTIN
-
-
-class SettingsError(MisalignError):
-    pass
 
 
 def _state_dir() -> Path:

@@ -42,9 +42,10 @@ from typing import Any, Literal
 import numpy as np
 
 from detectors.bundle import Bundle
+from detectors.errors import TapConfigError
 from tap import state
 from tap.projection_op import ABLATE, CTL_BLOCKS, GATED, PREV_SUM, STEER, ctl_width
-from tap.settings import DEFAULT_MAX_ALPHA, ClientChoice, TapConfigError, TapSettings
+from tap.settings import DEFAULT_MAX_ALPHA, ClientChoice, TapSettings
 
 Mode = Literal["ablate", "steer"]
 When = Literal["always", "flagged"]

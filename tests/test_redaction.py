@@ -12,8 +12,9 @@ import pytest
 
 from bench.steady_load import scrape
 from detectors import bundle as bundle_io
+from detectors.errors import SettingsError
 from service.redaction import BUILTIN, Redactor
-from service.settings import SettingsError, load_settings
+from service.settings import load_settings
 from service.sidecar_process import start_sidecar
 from tests.faults.harness import wait_until
 from tests.sidecar import RedisServer

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import RedisError, ResponseError
 
-from detectors.errors import MisalignError
+from detectors.errors import ReviewError, SampleState
 from service import redis_conn
 from service.redis_conn import RedisClient
 from service.review.settings import HOLDER
@@ -43,14 +43,6 @@ SUMMARY_FIELDS = (
     "finished_at",
 )
 LABEL_FIELDS = (*SUMMARY_FIELDS, "features")
-
-
-class ReviewError(MisalignError):
-    """A review action that cannot be done, or Redis out of reach; the message says which."""
-
-
-class SampleState(ReviewError):
-    """The sample is not where the action needs it: decided, dead-lettered, held by another."""
 
 
 # --- pydantic views of what the sidecar writes (service/monitor.py `_sample`) ------------------
