@@ -23,9 +23,8 @@ import numpy as np
 
 from detectors.decoder_layers import find_decoder_layers, text_num_layers
 from detectors.errors import ModelError
+from detectors.roles import PROMPT, RESPONSE
 from detectors.transcripts import Transcript
-
-PROMPT, RESPONSE = 0, 1
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 
 from detectors.bundle import Bundle
 from detectors.errors import BadInput
+from detectors.roles import PROMPT, RESPONSE
 from detectors.scoring import FeatureScore, RequestScores, Scorer
 from service.drift import DriftTracker
 from service.flags import FlagQueue
@@ -433,10 +434,10 @@ class Monitor:
         }
         if self.tokenizer is not None:
             sample["prompt_text"] = self.tokenizer.decode(
-                token_ids[roles == 0].tolist(), skip_special_tokens=False
+                token_ids[roles == PROMPT].tolist(), skip_special_tokens=False
             )
             sample["response_text"] = self.tokenizer.decode(
-                token_ids[roles == 1].tolist(), skip_special_tokens=False
+                token_ids[roles == RESPONSE].tolist(), skip_special_tokens=False
             )
             sample["token_text"] = [self.tokenizer.id_to_token(int(t)) or "" for t in token_ids]
         if self.redactor:

@@ -33,7 +33,7 @@ from redis.asyncio.connection import parse_url as redis_parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from detectors.errors import RedisSettingsError
 from service.redis_keys import slot_problem
@@ -398,3 +398,13 @@ def connect(
         target.service_name, redis_class=SentinelPrimary, db=target.db, ssl=target.tls, **kw
     )
     return primary
+
+
+async def ensure_group(client: Any, stream: str, group: str) -> None:
+    """Create consumer group ``group`` on ``stream`` (and the stream), reading from its start;
+    a group that already exists is left as it is. Other Redis errors propagate."""
+    try:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from detectors import bundle as bundle_io
-from detectors.gate import Thresholds, hedges_g, psi, run_gate
+from detectors.gate import Thresholds, hedges_g, run_gate
+from detectors.stats import psi
 from service.sidecar_process import start_sidecar
 from service.vllm_server import free_port
 from tests.prometheus import PrometheusServer

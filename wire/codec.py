@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from detectors.errors import BadInput
+from detectors.roles import PROMPT, RESPONSE
 from wire import monitor_pb2 as pb
 
 # The largest projection accepted. A projection is the residual stream's component along a unit
@@ -79,8 +80,10 @@ def decode_rows(
             f"projections has {len(projections)} bytes, expected rows x k x 4 = {n} x {k} x 4",
         )
     roles = np.frombuffer(is_response, dtype=np.int8)
-    if n and roles.view(np.uint8).max() > 1:
-        raise BadInput("bad_role", "is_response bytes must be 0 (prompt) or 1 (response)")
+    if n and roles.view(np.uint8).max() > RESPONSE:
+        raise BadInput(
+            "bad_role", f"is_response bytes must be {PROMPT} (prompt) or {RESPONSE} (response)"
+        )
     proj = np.frombuffer(projections, dtype="<f4").reshape(n, k)
     # two passes, no temporary; NaN makes both comparisons false
     if n and not (proj.min() >= -MAX_PROJECTION and proj.max() <= MAX_PROJECTION):

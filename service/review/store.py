@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from detectors.errors import ReviewError, SampleState
 from service import redis_conn
@@ -393,13 +393,7 @@ class ReviewStore:
     # -- keeping the group's pending list the queue ----------------------------------------
 
     async def ensure_group(self) -> None:
-        try:
-            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise ReviewError(f"redis at {self.where}: {exc}") from exc
-        except RedisError as exc:
-            raise ReviewError(f"redis at {self.where}: {exc}") from exc
+        await self._call(redis_conn.ensure_group(self.client, self.stream, self.group))
 
     async def refresh(self) -> int:
         """Read new entries into the queue, return idle claims to it and bury the poison;
