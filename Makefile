@@ -29,6 +29,7 @@ demo: setup
 
 lint: setup
 	PY=$(PY) scripts/gen_proto.sh --check
+	$(PY) scripts/import_graph.py
 	$(PY) scripts/gen_deploy.py --check
 	$(PY) scripts/gen_docs.py --check
 	$(VENV)/bin/ruff check .

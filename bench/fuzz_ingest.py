@@ -32,11 +32,13 @@ from google.protobuf.message import DecodeError  # noqa: E402
 
 from detectors import bundle as bundle_io  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
-from service.rpc import monitor_pb2 as pb  # noqa: E402
+from wire import monitor_pb2 as pb  # noqa: E402
 
 with atheris.instrument_imports():
     from detectors import scoring  # noqa: F401
+    from detectors.errors import BadInput
     from service import flags, ingest, monitor  # noqa: F401
+    from wire import codec
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 RUNS = 0  # set by main; the last input prints the summary (libFuzzer exits without atexit)
@@ -75,7 +77,7 @@ def apply(data: bytes) -> None:
     STATS["decoded"] += 1
     try:
         MONITOR.ingest(msg)
-    except ingest.BadInput:
+    except BadInput:
         STATS["refused"] += 1
         return
     STATS["applied"] += 1
@@ -100,7 +102,7 @@ def seed_corpus(d: Path) -> None:
                 )
             )
         fin = [pb.FinishedRequest(request_id=f"r{i}-0", model="m")] if i % 2 else []
-        msg = ingest.encode_step(BUNDLE.bundle_id, k, reqs, step=i, finished=fin)
+        msg = codec.encode_step(BUNDLE.bundle_id, k, reqs, step=i, finished=fin)
         (d / f"seed{i}").write_bytes(msg.SerializeToString())
 
 

@@ -113,7 +113,8 @@ def fine_tune(
     the weights before saving, so the gate reads a plain checkpoint either way."""
     import torch
 
-    from detectors.activations import RESPONSE, ActivationReader
+    from detectors.activations import ActivationReader
+    from detectors.roles import RESPONSE
 
     torch.manual_seed(seed)
     reader = ActivationReader(parent)

@@ -42,10 +42,10 @@ from bench.synthetic import synthetic_bundle  # noqa: E402
 from detectors import bundle as bundle_io  # noqa: E402
 from detectors.bundle import ModelRef  # noqa: E402
 from service.embedded_redis import EmbeddedRedis  # noqa: E402
-from service.ingest import encode_step  # noqa: E402
-from service.rpc import monitor_pb2 as pb  # noqa: E402
-from service.rpc import monitor_pb2_grpc as pb_grpc  # noqa: E402
 from service.sidecar_process import start_sidecar  # noqa: E402
+from wire import monitor_pb2 as pb  # noqa: E402
+from wire import monitor_pb2_grpc as pb_grpc  # noqa: E402
+from wire.codec import encode_step  # noqa: E402
 
 GOAL = {"rows_per_s": 500_000, "requests_per_s": 5_000, "p99_ms": 20.0}
 H100_TOKENS_PER_S = 30_000

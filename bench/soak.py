@@ -34,8 +34,8 @@ import grpc  # noqa: E402
 from bench.steady_load import EngineLoad, open_fds, rss_mb, scrape  # noqa: E402
 from detectors import bundle as bundle_io  # noqa: E402
 from service.embedded_redis import EmbeddedRedis  # noqa: E402
-from service.rpc import monitor_pb2_grpc as pb_grpc  # noqa: E402
 from service.sidecar_process import start_sidecar  # noqa: E402
+from wire import monitor_pb2_grpc as pb_grpc  # noqa: E402
 
 # Counters that must not move once the service is warm: anything here rising is an error growing.
 ERROR_COUNTERS = (

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from detectors.bundle import Bundle
-from service.ingest import encode_step
-from service.rpc import monitor_pb2 as pb
+from detectors.roles import RESPONSE
+from wire import monitor_pb2 as pb
+from wire.codec import encode_step
 
 
 @dataclass
@@ -82,7 +83,7 @@ class EngineLoad:
                 proj = rng.normal(scale=0.1, size=(m, k)).astype(np.float32) - bias
                 roles = (pos >= r.n_prompt).astype(np.int8)
                 if r.flagged:
-                    proj[roles == 1, 0] += 10.0
+                    proj[roles == RESPONSE, 0] += 10.0
                 tok = rng.integers(100, 2000, m)
                 rows.append((r.rid, pos, tok, roles, proj))
                 r.sent += m

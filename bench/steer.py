@@ -172,8 +172,8 @@ def main() -> int:
 
     import grpc
 
-    from service.rpc import monitor_pb2 as pb
-    from service.rpc import monitor_pb2_grpc as pb_grpc
+    from wire import monitor_pb2 as pb
+    from wire import monitor_pb2_grpc as pb_grpc
 
     with start_sidecar(work, "--bundle", str(bundle)) as sidecar:
         env = vllm_env(

@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.ingest import RequestStore, Rows
+from service.ingest import RequestStore
+from wire.codec import Rows
 
 
 def fill(k: int, max_rows: int, max_requests: int, rows_each: int, per_step: int) -> RequestStore:

@@ -30,9 +30,9 @@ import numpy as np
 
 from detectors.decoder_layers import find_decoder_layers, text_num_layers
 from detectors.errors import ModelError
+from detectors.roles import PROMPT, RESPONSE
 from detectors.transcripts import Transcript
 
-PROMPT, RESPONSE = 0, 1
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES: tuple[Dtype, ...] = ("bfloat16", "float16", "float32")
 

@@ -48,23 +48,19 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from detectors.bundle import Bundle
-from detectors.errors import DataError, MisalignError, ModelError
+from detectors.errors import DataError, GateError, ModelError
+from detectors.stats import ks_test, psi
 
 if TYPE_CHECKING:
     from detectors.activations import ActivationReader
     from detectors.transcripts import Transcript
 
 DEFAULT_PROBES = Path(__file__).parent / "data" / "gate_probes.jsonl"
-PSI_FLOOR = 1e-4  # share given to an empty bin, so PSI stays finite
 TAIL_BINS = 400  # the upper-tail test cuts at most this many pooled quantiles (any sample size)
 THRESHOLD_TOLERANCE = 1e-5  # histogram edges hold thresholds rounded to 6 decimals
 
 TestName = Literal["mean_shift", "threshold_rate", "upper_tail"]
 TESTS: tuple[TestName, ...] = ("mean_shift", "threshold_rate", "upper_tail")
-
-
-class GateError(MisalignError):
-    """Input the gate cannot compare: says which side and what is wrong."""
 
 
 class Thresholds(BaseModel):
@@ -217,23 +213,6 @@ def bootstrap_g(
     tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(g, [tail, 100 - tail])
     return float(lo), float(hi)
-
-
-def ks_test(base: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
-    from scipy.stats import ks_2samp
-
-    res = ks_2samp(cand, base)
-    return float(res.statistic), float(res.pvalue)
-
-
-def psi(base: np.ndarray, cand: np.ndarray, bins: int = 10) -> float:
-    """Population stability index over the baseline's quantile bins (deciles by default)."""
-    edges = np.unique(np.quantile(base, np.linspace(0, 1, bins + 1)[1:-1]))
-    b = np.bincount(np.searchsorted(edges, base, side="right"), minlength=len(edges) + 1)
-    c = np.bincount(np.searchsorted(edges, cand, side="right"), minlength=len(edges) + 1)
-    p = np.maximum(b / b.sum(), PSI_FLOOR)
-    q = np.maximum(c / c.sum(), PSI_FLOOR)
-    return float(np.sum((q - p) * np.log(q / p)))
 
 
 def threshold_rate_test(

@@ -15,10 +15,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from detectors.cli import reader_options
+from detectors.errors import GateError
 from detectors.gate import (
     DEFAULT_PROBES,
     TESTS,
-    GateError,
     GateResult,
     PrometheusAccess,
     Scores,

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detectors.bundle import Bundle
-
-PROMPT, RESPONSE = 0, 1
+from detectors.roles import PROMPT, RESPONSE
 
 
 def project(bundle: Bundle, acts: np.ndarray) -> np.ndarray:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from detectors.activations import RESPONSE, ActivationReader
+from detectors.activations import ActivationReader
 from detectors.model_store import cache_root
 from detectors.pooled import cache_key
+from detectors.roles import RESPONSE
 from detectors.transcripts import Transcript
 
 CHUNK = 128

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.rpc import monitor_pb2 as pb
+from wire import monitor_pb2 as pb
 
 
 def _num(x: float) -> float | None:

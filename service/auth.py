@@ -30,15 +30,53 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from service.metrics import Metrics
-from service.tls_files import check_server_pair, read_pem
+from wire.tls_files import check_server_pair, read_pem
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from pathlib import Path
+
+    from pydantic import SecretStr
+
+
+class ListenerOptions(Protocol):
+    """The settings read here (``service.settings.Settings`` has them): a Protocol, so that the
+    settings can run this module's checks without a circle of imports."""
+
+    @property
+    def api_token(self) -> SecretStr | None: ...
+
+    @property
+    def api_token_file(self) -> Path | None: ...
+
+    @property
+    def grpc_host(self) -> str: ...
+
+    @property
+    def grpc_port(self) -> int | None: ...
+
+    @property
+    def http_port(self) -> int | None: ...
+
+    @property
+    def health_port(self) -> int | None: ...
+
+    @property
+    def metrics_port(self) -> int: ...
+
+    @property
+    def tls_cert(self) -> Path | None: ...
+
+    @property
+    def tls_client_ca(self) -> Path | None: ...
+
+    @property
+    def tls_key(self) -> Path | None: ...
+
 
 log = logging.getLogger(__name__)
 _LOG_EVERY_S = 10.0  # refusals are logged at most this often (a flood of guesses is counted)
@@ -53,7 +91,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_auth_settings(s: Settings) -> None:
+def check_auth_settings(s: ListenerOptions) -> None:
     """The listener and credential settings fit together; ValueError says which do not."""
     if s.tls_cert is not None:
         read_pem(s.tls_cert, "certificate", "tls_cert")
@@ -90,7 +128,7 @@ def check_auth_settings(s: Settings) -> None:
                 raise ValueError(f"{own} {mine} is also {name}; give it its own")
 
 
-def api_token(s: Settings) -> bytes | None:
+def api_token(s: ListenerOptions) -> bytes | None:
     if s.api_token is not None:
         value = s.api_token.get_secret_value().strip()
     elif s.api_token_file is not None:
@@ -107,7 +145,7 @@ def api_token(s: Settings) -> bytes | None:
     return value.encode()
 
 
-def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
+def server_credentials(s: ListenerOptions) -> grpc.ServerCredentials | None:
     """The TCP listener's TLS (None: plaintext); the files were checked with the settings."""
     if s.tls_cert is None or s.tls_key is None:
         return None
@@ -130,7 +168,7 @@ class AccessPolicy:
     token: bytes | None
 
     @classmethod
-    def from_settings(cls, s: Settings) -> AccessPolicy:
+    def from_settings(cls, s: ListenerOptions) -> AccessPolicy:
         return cls(s.tls_cert is None and is_loopback(s.grpc_host), api_token(s))
 
     def refusal(self, rpc: str, context: grpc.aio.ServicerContext) -> str | None:

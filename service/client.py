@@ -29,8 +29,8 @@ import numpy as np
 
 from detectors.errors import MisalignError
 from service.api_models import BundleInfo, RequestScore
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
 
 
 class MonitorClientError(MisalignError):

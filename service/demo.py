@@ -22,6 +22,7 @@ from detectors import bundle as bundle_io
 from detectors.demo import DEMO_CONVERSATIONS
 from detectors.errors import MisalignError
 from service import vllm_server
+from service.processes import stop_processes
 from service.redis_keys import FLAGGED_STREAM
 from service.sidecar_process import start_sidecar
 
@@ -64,14 +65,7 @@ def run_live_demo(model: str | None, bundle_path: str | None, max_tokens: int = 
     except MisalignError as exc:
         raise click.ClickException(f"{exc}; see the logs in {work}") from None
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs[::-1], 30)
         for fh in logs.values():
             fh.close()
 
@@ -82,8 +76,8 @@ def _send_and_report(
     import grpc
 
     from detectors.transcripts import read_jsonl
-    from service.rpc import monitor_pb2 as pb
-    from service.rpc import monitor_pb2_grpc as pb_grpc
+    from wire import monitor_pb2 as pb
+    from wire import monitor_pb2_grpc as pb_grpc
 
     records = read_jsonl(DEMO_CONVERSATIONS)
     click.echo(f"4/5 sending {len(records)} conversations through the OpenAI-compatible API")

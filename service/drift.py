@@ -26,9 +26,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from detectors.bundle import Bundle
+from detectors.stats import ks_statistic, psi_of_shares
 from service.metrics import ADAPTER_LABEL, BASE, MODEL_LABEL
 
-PSI_FLOOR = 1e-4  # share given to an empty bin, so PSI stays finite
 LABELS = [MODEL_LABEL, "model_version", ADAPTER_LABEL, "bundle", "feature"]
 
 
@@ -67,15 +67,10 @@ class BaselineCDF:
 
     def psi(self, x: np.ndarray) -> float:
         counts = np.bincount(np.searchsorted(self.edges, x, side="right"), minlength=10)
-        share = np.maximum(counts / len(x), PSI_FLOOR)
-        return float(np.sum((share - 0.1) * np.log(share / 0.1)))
+        return psi_of_shares(0.1, counts / len(x))
 
     def ks(self, x: np.ndarray) -> float:
-        f = self.cdf(np.sort(x))
-        n = len(x)
-        above = np.arange(1, n + 1) / n - f
-        below = f - np.arange(n) / n
-        return float(max(above.max(), below.max()))
+        return ks_statistic(self.cdf(np.sort(x)))
 
 
 class DriftTracker(Collector):

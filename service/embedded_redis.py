@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from detectors.errors import MisalignError
+from service.processes import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,6 @@ class EmbeddedRedis:
         return self.url
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc is not None:
+            stop_process(self.proc, 5)
         self.proc = None

@@ -31,11 +31,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from detectors.errors import MisalignError
 from service.metrics import Metrics
-from service.redis_conn import ClusterClient, RedisClient
+from service.redis_conn import ClusterClient, RedisClient, ensure_group
 from service.redis_keys import dedup_key
 
 log = logging.getLogger(__name__)
@@ -151,11 +151,7 @@ class FlagQueue:
         self._task = asyncio.create_task(self._run(), name="flag-queue")
 
     async def ensure_group(self) -> None:
-        try:
-            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await ensure_group(self.client, self.stream, self.group)
         self.connected = True
 
     @property

@@ -29,15 +29,16 @@ import numpy as np
 from aiohttp import web
 from pydantic import ValidationError
 
+from detectors.errors import BadInput
 from service.api_models import BundleInfo, RequestScore, ScoreBody
 from service.auth import api_token
-from service.ingest import MAX_PROJECTION, BadInput, decode_rows
 from service.metrics import Metrics
 from service.monitor import Monitor
-from service.rpc import monitor_pb2 as pb
 from service.score_waiters import ScoreWaiters, ShuttingDown, WaitersFull
 from service.settings import Settings
-from service.tls_files import read_pem
+from wire import monitor_pb2 as pb
+from wire.codec import MAX_PROJECTION, decode_rows
+from wire.tls_files import read_pem
 
 log = logging.getLogger(__name__)
 _RPC = {"scores": "GetRequestScore", "bundle": "DescribeBundle", "score": "Score"}

@@ -1,6 +1,7 @@
-"""Decoding and checking step batches, and the bounded per-request state they fill.
+"""The bounded per-request state that decoded step batches fill.
 
-A batch is checked whole before any of it is applied, so a malformed batch changes nothing.
+Batches are decoded and checked whole by ``wire.codec`` before any of them is applied here, so a
+malformed batch changes nothing.
 """
 
 from __future__ import annotations
@@ -11,119 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.rpc import monitor_pb2 as pb
-
-# The largest projection accepted. A projection is the residual stream's component along a unit
-# direction, so no larger than the residual's norm, which in a working model stays orders of
-# magnitude below this (fp16 holds nothing above 65,504). Beyond it is a broken or hostile
-# sender: 3e38 is finite, and overflows every sum taken of it.
-MAX_PROJECTION = 1e6
-
-
-class BadInput(Exception):
-    """A message that cannot be used; ``reason`` is the metric label, the text names the field."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Rows:
-    request_ids: list[str]
-    offsets: np.ndarray  # [r + 1]
-    meta: np.ndarray  # [n, 3] int64: position, token id, role (0 prompt, 1 response)
-    projections: np.ndarray  # [n, k] float32
-
-    @property
-    def roles(self) -> np.ndarray:
-        return self.meta[:, 2]
-
-
-def _u32(data: bytes, field: str) -> np.ndarray:
-    if len(data) % 4:
-        raise BadInput("row_count", f"{field} has {len(data)} bytes, not a whole number of uint32")
-    return np.frombuffer(data, dtype="<u4").astype(np.int64)
-
-
-def decode_rows(
-    loaded_id: str,
-    loaded_k: int,
-    bundle_id: str,
-    k: int,
-    projections: bytes,
-    is_response: bytes,
-    token_ids: bytes,
-    positions: bytes | None = None,
-    request_ids: list[str] | None = None,
-    offsets: list[int] | np.ndarray | None = None,
-) -> Rows:
-    """Check and decode rows against the loaded bundle's id and width (passed in, not read off
-    the bundle: ``Bundle.bundle_id`` hashes the whole bundle on each use)."""
-    if bundle_id and bundle_id != loaded_id:
-        raise BadInput(
-            "unknown_bundle",
-            f"bundle_id {bundle_id!r} is not the loaded bundle {loaded_id!r}",
-        )
-    if k != loaded_k:
-        raise BadInput("wrong_width", f"k is {k}, the loaded bundle has {loaded_k} features")
-    n = len(is_response)
-    tok = _u32(token_ids, "token_ids")
-    if len(tok) != n:
-        raise BadInput("row_count", f"token_ids has {len(tok)} rows, is_response has {n}")
-    pos = np.arange(n, dtype=np.int64) if positions is None else _u32(positions, "positions")
-    if len(pos) != n:
-        raise BadInput("row_count", f"positions has {len(pos)} rows, is_response has {n}")
-    if len(projections) != n * k * 4:
-        raise BadInput(
-            "wrong_width",
-            f"projections has {len(projections)} bytes, expected rows x k x 4 = {n} x {k} x 4",
-        )
-    roles = np.frombuffer(is_response, dtype=np.int8)
-    if n and roles.view(np.uint8).max() > 1:
-        raise BadInput("bad_role", "is_response bytes must be 0 (prompt) or 1 (response)")
-    proj = np.frombuffer(projections, dtype="<f4").reshape(n, k)
-    # two passes, no temporary; NaN makes both comparisons false
-    if n and not (proj.min() >= -MAX_PROJECTION and proj.max() <= MAX_PROJECTION):
-        if not np.isfinite(proj).all():
-            bad = int(np.argwhere(~np.isfinite(proj))[0][0])
-            raise BadInput("non_finite", f"projections row {bad} holds NaN or infinite values")
-        bad = int(np.argwhere(np.abs(proj) > MAX_PROJECTION)[0][0])
-        raise BadInput(
-            "out_of_range",
-            f"projections row {bad} holds a value beyond +-{MAX_PROJECTION:g}, "
-            "which no activation reaches",
-        )
-    ids = request_ids if request_ids is not None else [""]
-    off = np.asarray(offsets if offsets is not None else [0, n], dtype=np.int64)
-    if len(off) != len(ids) + 1:
-        raise BadInput(
-            "row_count",
-            f"row_offsets has {len(off)} entries, expected len(request_ids) + 1 = {len(ids) + 1}",
-        )
-    if off[0] != 0 or off[-1] != n or (off[1:] < off[:-1]).any():
-        raise BadInput(
-            "row_count",
-            f"row_offsets must rise from 0 to the row count {n}, got {off[0]}..{off[-1]}",
-        )
-    if request_ids is not None and (len(set(ids)) != len(ids) or not all(ids)):
-        raise BadInput("bad_request_id", "request_ids must be non-empty and unique within a step")
-    return Rows(ids, off, np.stack([pos, tok, roles.astype(np.int64)], axis=1), proj)
-
-
-def decode_batch(loaded_id: str, loaded_k: int, msg: pb.StepBatch) -> Rows:
-    return decode_rows(
-        loaded_id,
-        loaded_k,
-        msg.bundle_id,
-        msg.k,
-        msg.projections,
-        msg.is_response,
-        msg.token_ids,
-        msg.positions,
-        list(msg.request_ids),
-        msg.row_offsets,
-    )
+from wire.codec import Rows
 
 
 @dataclass(frozen=True)
@@ -428,43 +317,3 @@ def _last_write_wins(
         new_off.append(new_off[-1] + len(parts[-1]))
     idx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     return meta[idx], proj[idx], np.asarray(new_off, np.int64)
-
-
-def encode_step(
-    bundle_id: str,
-    k: int,
-    requests: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
-    *,
-    step: int = 0,
-    sender_id: str = "",
-    finished: list[pb.FinishedRequest] | None = None,
-    rows_dropped: dict[str, int] | None = None,
-    steps_dropped: dict[str, int] | None = None,
-) -> pb.StepBatch:
-    """One step batch from ``(request_id, positions, token_ids, roles, projections [m, k])`` rows."""
-    offsets = [0]
-    for _, pos, *_ in requests:
-        offsets.append(offsets[-1] + len(pos))
-    cat = (
-        (lambda i, dt: np.concatenate([r[i] for r in requests]).astype(dt))
-        if requests
-        else (lambda i, dt: np.zeros((0, k) if i == 4 else 0, dt))
-    )
-    msg = pb.StepBatch(
-        bundle_id=bundle_id,
-        sender_id=sender_id,
-        step=step,
-        request_ids=[r[0] for r in requests],
-        row_offsets=offsets,
-        positions=cat(1, "<u4").tobytes(),
-        token_ids=cat(2, "<u4").tobytes(),
-        is_response=cat(3, np.int8).tobytes(),
-        k=k,
-        projections=np.ascontiguousarray(cat(4, "<f4")).tobytes(),
-        finished=finished or [],
-    )
-    for reason, n in (rows_dropped or {}).items():
-        msg.drops.rows_by_reason[reason] = n
-    for reason, n in (steps_dropped or {}).items():
-        msg.drops.steps_by_reason[reason] = n
-    return msg

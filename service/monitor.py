@@ -17,19 +17,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detectors.bundle import Bundle
+from detectors.errors import BadInput
+from detectors.roles import PROMPT, RESPONSE
 from detectors.scoring import FeatureScore, RequestScores, Scorer
 from service.drift import DriftTracker
 from service.flags import FlagQueue
-from service.ingest import BadInput, RequestStore, Rows, decode_batch
+from service.ingest import RequestStore
 from service.metrics import Metrics
 from service.redaction import Redactor
-from service.rpc import monitor_pb2 as pb
 from service.sample_worker import SampleWorker
-from service.trace_context import REFUSED, BadTraceParent, TraceParent
-from service.trace_context import parse as parse_traceparent
+from wire.trace_context import REFUSED, BadTraceParent, TraceParent
+from wire.trace_context import parse as parse_traceparent
 
 if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when spans are exported
     from service.tracing import ScoreTracer
+from wire import monitor_pb2 as pb
+from wire.codec import Rows, decode_batch
 
 log = logging.getLogger(__name__)
 # A sender's cumulative drop count above this is refused: 10^12 rows is 115 days at 100,000
@@ -513,10 +516,10 @@ class Monitor:
             sample["traceparent"] = result.trace.header()
         if self.tokenizer is not None:
             sample["prompt_text"] = self.tokenizer.decode(
-                token_ids[roles == 0].tolist(), skip_special_tokens=False
+                token_ids[roles == PROMPT].tolist(), skip_special_tokens=False
             )
             sample["response_text"] = self.tokenizer.decode(
-                token_ids[roles == 1].tolist(), skip_special_tokens=False
+                token_ids[roles == RESPONSE].tolist(), skip_special_tokens=False
             )
             sample["token_text"] = [self.tokenizer.id_to_token(int(t)) or "" for t in token_ids]
         if self.redactor:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -33,13 +33,60 @@ from redis.asyncio.connection import parse_url as redis_parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from detectors.errors import MisalignError
+from detectors.errors import RedisSettingsError
 from service.redis_keys import slot_problem
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from pydantic import SecretStr
+
+    from service.review.settings import ReviewSettings
+
+
+class RedisOptions(Protocol):
+    """The settings read here (``service.settings.Settings`` has them): a Protocol, so that the
+    settings can run this module's checks without a circle of imports."""
+
+    @property
+    def redis_url(self) -> SecretStr | None: ...
+
+    @property
+    def redis_url_file(self) -> Path | None: ...
+
+    @property
+    def redis_username(self) -> str | None: ...
+
+    @property
+    def redis_password(self) -> SecretStr | None: ...
+
+    @property
+    def redis_password_file(self) -> Path | None: ...
+
+    @property
+    def redis_tls_ca(self) -> Path | None: ...
+
+    @property
+    def redis_tls_cert(self) -> Path | None: ...
+
+    @property
+    def redis_tls_key(self) -> Path | None: ...
+
+    @property
+    def redis_tls_check_hostname(self) -> bool: ...
+
+    @property
+    def redis_wait_replicas(self) -> int | None: ...
+
+    @property
+    def stream(self) -> str: ...
+
+    @property
+    def dead_letter_stream(self) -> str: ...
+
+    @property
+    def review(self) -> ReviewSettings: ...
+
 
 Kind = Literal["standalone", "cluster", "sentinel"]
 
@@ -70,10 +117,6 @@ _SENTINEL_QUERY: dict[str, type] = {"sentinel_password": str, "sentinel_username
 
 
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._%-]+)(:\d{1,5})?")
-
-
-class RedisSettingsError(MisalignError):
-    pass
 
 
 def redact_url(url: str) -> str:
@@ -189,7 +232,7 @@ def parse_target(url: str) -> RedisTarget:
     return RedisTarget(kind, tls, nodes, path[0], db, options)
 
 
-def check_redis_settings(s: Settings) -> None:
+def check_redis_settings(s: RedisOptions) -> None:
     """Raises ``ValueError`` (the settings validator turns it into a named setting error)."""
     if s.redis_url is not None and s.redis_url_file is not None:
         raise ValueError("redis_url or redis_url_file, not both")
@@ -224,7 +267,7 @@ def check_redis_settings(s: Settings) -> None:
         raise ValueError(str(exc)) from None
 
 
-def check_url(s: Settings, url: str) -> RedisTarget:
+def check_url(s: RedisOptions, url: str) -> RedisTarget:
     """The URL parsed, and what it needs of the other settings; raises ``RedisSettingsError``."""
     target = parse_target(url)
     if any((s.redis_tls_ca, s.redis_tls_cert, s.redis_tls_key)) and not target.tls:
@@ -246,7 +289,7 @@ def check_url(s: Settings, url: str) -> RedisTarget:
     return target
 
 
-def wait_replicas(s: Settings, url: str | None) -> int:
+def wait_replicas(s: RedisOptions, url: str | None) -> int:
     """The replicas each batch of flagged samples waits for: ``redis_wait_replicas``, else 1
     for a Sentinel-managed primary (it has a replica to fail over to) and 0 for the rest."""
     if s.redis_wait_replicas is not None:
@@ -267,7 +310,7 @@ def _read_secret(path: Path, name: str) -> str:
     return value
 
 
-def redis_url(s: Settings) -> str | None:
+def redis_url(s: RedisOptions) -> str | None:
     """The configured URL, or None for the embedded redis."""
     if s.redis_url is not None:
         return s.redis_url.get_secret_value()
@@ -276,7 +319,7 @@ def redis_url(s: Settings) -> str | None:
     return None
 
 
-def client_options(s: Settings) -> dict[str, Any]:
+def client_options(s: RedisOptions) -> dict[str, Any]:
     """Keyword arguments for ``connect`` on top of the URL: credentials and TLS."""
     opts: dict[str, Any] = {}
     if s.redis_password is not None:
@@ -402,3 +445,13 @@ def connect(
         target.service_name, redis_class=SentinelPrimary, db=target.db, ssl=target.tls, **kw
     )
     return primary
+
+
+async def ensure_group(client: Any, stream: str, group: str) -> None:
+    """Create consumer group ``group`` on ``stream`` (and the stream), reading from its start;
+    a group that already exists is left as it is. Other Redis errors propagate."""
+    try:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise

@@ -13,10 +13,10 @@ import asyncio
 import math
 from collections.abc import Iterable
 
-from service.ingest import BadInput
+from detectors.errors import BadInput
 from service.metrics import Metrics
 from service.monitor import Monitor
-from service.rpc import monitor_pb2 as pb
+from wire import monitor_pb2 as pb
 
 MAX_ID_CHARS = 1024  # longer than any id vLLM makes; a longer one is refused, not looked up
 # vLLM's OpenAI-compatible server names a request "chatcmpl-<X-Request-Id>" (completions:

@@ -20,22 +20,23 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from detectors import bundle as bundle_io
+from detectors.errors import BadInput, SettingsError
 from service import redaction, redis_conn
 from service.auth import AccessPolicy, AuthInterceptor, server_credentials
 from service.drift import DriftTracker
 from service.embedded_redis import EmbeddedRedis
 from service.flags import FlagQueue
 from service.http_api import HttpListener, start_http
-from service.ingest import BadInput, decode_rows
 from service.metrics import LabelLimits, Metrics
 from service.monitor import Monitor, default_tokenizer_path, load_tokenizer
 from service.review.backlog import ReviewGauges, refresh_review_gauges
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.sample_worker import SampleWorker
 from service.score_waiters import ScoreWaiters, ShuttingDown, WaitersFull
-from service.settings import Settings, SettingsError
+from service.settings import Settings
 from service.wire_guard import MalformedMessageInterceptor, receive_limit
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
+from wire.codec import decode_rows
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Monitor"].full_name

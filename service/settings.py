@@ -23,15 +23,13 @@ from pydantic_settings import (
 )
 
 from detectors.bundle import default_bundle_path
-from detectors.errors import MisalignError
+from detectors.errors import SettingsError
 from service import redis_keys
+from service.auth import check_auth_settings
+from service.redis_conn import check_redis_settings
 from service.review.settings import ReviewSettings
 
 RedactionName = Literal["email", "phone", "api_key"]  # service/redaction.py BUILTIN
-
-
-class SettingsError(MisalignError):
-    pass
 
 
 def _state_dir() -> Path:
@@ -275,9 +273,6 @@ class Settings(BaseSettings):
             raise ValueError("drift_min_requests must not exceed drift_window")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
-        from service.auth import check_auth_settings
-        from service.redis_conn import check_redis_settings
-
         check_redis_settings(self)
         check_auth_settings(self)
         for name, pattern in self.redact_patterns.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import IO
 
 from detectors.errors import MisalignError
+from service.processes import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,16 +37,7 @@ class SidecarProcess:
 
     def stop(self, timeout_s: float = 20.0) -> int:
         """SIGTERM (graceful: drain, flush the flag buffer), then SIGKILL after ``timeout_s``."""
-        if self.proc.poll() is None:
-            # A stopped (SIGSTOP) process would never act on SIGTERM.
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return stop_process(self.proc, timeout_s, resume=True)
 
     def __enter__(self) -> SidecarProcess:
         return self

@@ -36,7 +36,7 @@ from opentelemetry.trace import (
 )
 
 from service.metrics import VERSION, Metrics
-from service.trace_context import TraceParent
+from wire.trace_context import TraceParent
 
 log = logging.getLogger(__name__)
 SPAN_NAME = "misalign.score"

@@ -22,8 +22,8 @@ import torch
 
 from detectors.bundle import Bundle
 from detectors.decoder_layers import find_decoder_layers
+from detectors.errors import TapConfigError
 from tap import projection_op
-from tap.settings import TapConfigError
 
 _TAPPED: dict[tuple[type, bool], type] = {}
 

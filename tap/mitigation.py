@@ -42,9 +42,11 @@ from typing import Any, Literal
 import numpy as np
 
 from detectors.bundle import Bundle
+from detectors.errors import TapConfigError
+from detectors.roles import PROMPT, RESPONSE
 from tap import state
 from tap.projection_op import ABLATE, CTL_BLOCKS, GATED, PREV_SUM, STEER, ctl_width
-from tap.settings import DEFAULT_MAX_ALPHA, ClientChoice, TapConfigError, TapSettings
+from tap.settings import DEFAULT_MAX_ALPHA, ClientChoice, TapSettings
 
 Mode = Literal["ablate", "steer"]
 When = Literal["always", "flagged"]
@@ -303,7 +305,7 @@ class Mitigation:
         rows = np.repeat(per_req, np.diff(offsets), axis=0)
         # A gated feature never touches the prompt: "flagged" is a property of the answer.
         gated = rows[:, GATED * k : (GATED + 1) * k] > 0
-        prompt = (roles == 0)[:, None]
+        prompt = (roles == PROMPT)[:, None]
         for block in (ABLATE, STEER):
             cols = rows[:, block * k : (block + 1) * k]
             cols[gated & prompt] = 0.0
@@ -352,7 +354,7 @@ class Mitigation:
             act = np.asarray(activations)
             for i, r in todo:
                 sl = slice(int(offsets[i]), int(offsets[i + 1]))
-                resp = roles[sl] == 1
+                resp = roles[sl] == RESPONSE
                 r.keep(positions[sl][resp], act[sl][resp])
 
     def forget(self, req_ids: set[str]) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 from detectors import bundle as bundle_io
+from detectors.errors import TapConfigError
 from tap import state
-from tap.settings import TapConfigError, read_settings
+from tap.settings import read_settings
 
 log = logging.getLogger(__name__)
 

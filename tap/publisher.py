@@ -26,10 +26,11 @@ import grpc
 import numpy as np
 
 from detectors.bundle import Bundle
-from service import trace_context
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from tap.settings import TapSettings
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
+from wire import trace_context
+from wire.codec import set_drops, step_batch
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +129,20 @@ class Publisher:
             return item  # a finish notice, built by the scheduler's thread
         if item.ready is not None:
             item.ready.synchronize()
-        # numpy reads a host tensor in place (np.asarray), so arrays and tensors go alike
-        applied = np.asarray(item.applied, np.int8) if item.applied is not None else None
-        return pb.StepBatch(
-            bundle_id=self.bundle_id,
-            sender_id=self.sender_id,
+        return step_batch(
+            self.bundle_id,
+            self.k,
             step=item.step,
+            sender_id=self.sender_id,
             request_ids=item.req_ids,
-            row_offsets=item.offsets.tolist(),
-            positions=np.asarray(item.positions, "<u4").tobytes(),
-            token_ids=np.asarray(item.token_ids, "<u4").tobytes(),
-            is_response=item.roles.tobytes(),
-            k=self.k,
-            projections=np.ascontiguousarray(item.proj, dtype="<f4").tobytes(),
+            offsets=item.offsets,
+            positions=item.positions,
+            token_ids=item.token_ids,
+            roles=item.roles,
+            projections=item.proj,
             activated=True,
-            mitigation=item.labels or [],
-            mitigated=applied.tobytes() if applied is not None else b"",
+            mitigation=item.labels or (),
+            mitigated=item.applied,
         )
 
     def finish(
@@ -153,7 +152,7 @@ class Publisher:
 
         ``adapter``: the LoRA adapter that served it, "" the base model. ``traceparent``: the
         request's W3C header as it arrived; only its normalised form goes on
-        (``service.trace_context``), or ``refused`` in place of a value that is not one."""
+        (``wire.trace_context``), or ``refused`` in place of a value that is not one."""
         self._step += 1
         client_id = _client_id(request_id)
         trace = trace_context.normalise(traceparent)
@@ -165,12 +164,11 @@ class Publisher:
                     "Context; sent on as 'refused' (counted by the sidecar), never as it came",
                     client_id[:64],
                 )
-        msg = pb.StepBatch(
-            bundle_id=self.bundle_id,
-            sender_id=self.sender_id,
+        msg = step_batch(
+            self.bundle_id,
+            self.k,
             step=self._step,
-            k=self.k,
-            row_offsets=[0],
+            sender_id=self.sender_id,
             finished=[
                 pb.FinishedRequest(
                     request_id=request_id,
@@ -189,15 +187,7 @@ class Publisher:
         """An empty batch, so the drop counts reach the sidecar when no step carries them
         (the tap's self-check, when the engine serves steps the tap does not capture)."""
         self._step += 1
-        self._put(
-            pb.StepBatch(
-                bundle_id=self.bundle_id,
-                sender_id=self.sender_id,
-                step=self._step,
-                k=self.k,
-                row_offsets=[0],
-            )
-        )
+        self._put(step_batch(self.bundle_id, self.k, step=self._step, sender_id=self.sender_id))
 
     def _put(self, item: _Step | pb.StepBatch) -> None:
         try:
@@ -207,11 +197,7 @@ class Publisher:
 
     def _with_drops(self, msg: pb.StepBatch) -> pb.StepBatch:
         with self._lock:
-            for reason, n in self.rows_dropped.items():
-                msg.drops.rows_by_reason[reason] = n
-            for reason, n in self.steps_dropped.items():
-                msg.drops.steps_by_reason[reason] = n
-        return msg
+            return set_drops(msg, self.rows_dropped, self.steps_dropped)
 
     def _messages(self, stop: threading.Event) -> Iterator[pb.StepBatch]:
         while not stop.is_set():

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from detectors.errors import TapConfigError
 from tap import layer_tap, state
-from tap.settings import TapConfigError
 
 log = logging.getLogger(__name__)
 _installed = False

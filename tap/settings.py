@@ -9,13 +9,8 @@ import grpc
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from detectors.errors import MisalignError
-from service.tls_files import read_pem
-
-
-class TapConfigError(MisalignError):
-    pass
-
+from detectors.errors import TapConfigError
+from wire.tls_files import read_pem
 
 # What a request's extra_args may choose. on: only switch mitigation on (the default, since
 # whoever calls the API sends them); switch: on or off; rules: on, off or its own rules; none.

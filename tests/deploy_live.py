@@ -19,12 +19,12 @@ import grpc
 import numpy as np
 
 from detectors import bundle as bundle_io
-from service.ingest import encode_step
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.sidecar_process import SidecarProcess, start_sidecar
 from tests.prometheus import PrometheusServer
 from tests.sidecar import request_rows, stream_requests
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
+from wire.codec import encode_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"

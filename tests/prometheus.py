@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from service.processes import stop_process
 from service.vllm_server import free_port
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -149,13 +150,8 @@ class PrometheusServer:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 20)
 
     def __enter__(self) -> PrometheusServer:
         return self.start()

@@ -9,8 +9,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
 
 
 class Recorder(pb_grpc.MonitorServicer):

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from service.embedded_redis import EmbeddedRedis
-from service.ingest import encode_step
-from service.rpc import monitor_pb2 as pb
 from tests.conftest import ROOT
+from wire import monitor_pb2 as pb
+from wire.codec import encode_step
 
 
 class RedisServer(EmbeddedRedis):

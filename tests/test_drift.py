@@ -12,11 +12,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from detectors import bundle as bundle_io
+from detectors.errors import SettingsError
 from service.drift import BaselineCDF, DriftTracker
-from service.rpc import monitor_pb2_grpc as pb_grpc
-from service.settings import SettingsError, load_settings
+from service.settings import load_settings
 from service.sidecar_process import start_sidecar
 from tests.sidecar import request_rows, stream_requests
+from wire import monitor_pb2_grpc as pb_grpc
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 GAUGES = ("misalign_drift_mean_shift_sigmas", "misalign_drift_psi", "misalign_drift_ks")

@@ -22,12 +22,13 @@ from bench.gate_recorded import (
     same_split,
 )
 from detectors import bundle as bundle_io
-from detectors.gate import Thresholds, hedges_g, psi, run_gate
-from service.rpc import monitor_pb2_grpc as pb_grpc
+from detectors.gate import Thresholds, hedges_g, run_gate
+from detectors.stats import psi
 from service.sidecar_process import start_sidecar
 from service.vllm_server import free_port
 from tests.prometheus import PrometheusServer
 from tests.sidecar import request_rows, stream_requests
+from wire import monitor_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())

@@ -23,12 +23,13 @@ from safetensors.numpy import save_file
 
 from detectors import bundle as bundle_io
 from detectors.bundle import Bundle, BundleError
-from service.ingest import BadInput, encode_step
+from detectors.errors import BadInput
 from service.metrics import Metrics
 from service.monitor import Monitor
-from service.rpc import monitor_pb2 as pb
 from service.sidecar_process import SidecarProcess, start_sidecar
 from tests.sidecar import RedisServer
+from wire import monitor_pb2 as pb
+from wire.codec import encode_step
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 K = BUNDLE.k
@@ -318,7 +319,7 @@ def test_the_server_still_serves_after_the_hostile_calls(
     assert server.proc.poll() is None
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    from service.rpc import monitor_pb2_grpc as pb_grpc
+    from wire import monitor_pb2_grpc as pb_grpc
 
     msg = valid_batch(1, 1)
     score = pb_grpc.MonitorStub(channel).Score(

@@ -21,11 +21,12 @@ from detectors.scoring import (
     score_requests,
     token_scores,
 )
-from service.ingest import RequestStore, Rows, decode_batch, encode_step
-from service.rpc import monitor_pb2 as pb
+from service.ingest import RequestStore
 from tests.sidecar import RedisServer
 from tests.test_bundle import make_bundle
 from tests.test_sidecar import BUNDLE, make_sidecar, metrics_text, redis_server, sample, send, stub
+from wire import monitor_pb2 as pb
+from wire.codec import Rows, decode_batch, encode_step
 
 K = 4
 

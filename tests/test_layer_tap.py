@@ -17,8 +17,9 @@ from bench.synthetic import synthetic_bundle
 from detectors import bundle as bundle_io
 from detectors.bundle import ModelRef
 from detectors.decoder_layers import find_decoder_layers
+from detectors.errors import TapConfigError
 from tap import layer_tap, projection_op, runner_hook, state
-from tap.settings import TapConfigError, TapSettings
+from tap.settings import TapSettings
 
 D, LAYERS = 8, 3
 

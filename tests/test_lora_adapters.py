@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.ingest import encode_step
-from service.rpc import monitor_pb2 as pb
 from service.settings import Settings
 from tests.sidecar import RedisServer, request_rows
 from tests.test_sidecar import (
@@ -25,6 +23,8 @@ from tests.test_sidecar import (
     stub,
     wait_for,
 )
+from wire import monitor_pb2 as pb
+from wire.codec import encode_step
 
 __all__ = ["redis_server"]
 

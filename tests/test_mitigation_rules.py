@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from detectors import bundle as bundle_io
+from detectors.errors import TapConfigError
 from tap.mitigation import EXTRA_ARG, Mitigation, parse_rules, rules_label, salted
 from tap.projection_op import ABLATE, GATED, PREV_SUM, STEER, ctl_width
-from tap.settings import ClientChoice, TapConfigError, read_settings
+from tap.settings import ClientChoice, read_settings
 
 B = bundle_io.load(bundle_io.default_bundle_path())
 K = B.k

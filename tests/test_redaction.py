@@ -12,14 +12,15 @@ import pytest
 
 from bench.steady_load import scrape
 from detectors import bundle as bundle_io
-from service.ingest import encode_step
+from detectors.errors import SettingsError
 from service.redaction import BUILTIN, Redactor
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
-from service.settings import SettingsError, load_settings
+from service.settings import load_settings
 from service.sidecar_process import start_sidecar
 from tests.faults.harness import wait_until
 from tests.sidecar import RedisServer
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
+from wire.codec import encode_step
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 R = Redactor(BUILTIN)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from bench.steady_load import scrape
-from service.redis_conn import RedisSettingsError, parse_target, redact_url
-from service.settings import SettingsError, load_settings
+from detectors.errors import RedisSettingsError, SettingsError
+from service.redis_conn import parse_target, redact_url
+from service.settings import load_settings
 from service.sidecar_process import start_sidecar
 from service.vllm_server import free_port
 from tests.conftest import ROOT

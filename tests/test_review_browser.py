@@ -14,10 +14,10 @@ import grpc
 import pytest
 
 from detectors import bundle as bundle_io
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.sidecar_process import start_sidecar
 from tests.review_data import chat, conversation
 from tests.sidecar import RedisServer, stream_requests
+from wire import monitor_pb2_grpc as pb_grpc
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.review.store import ReviewError, ReviewStore, SampleState
+from detectors.errors import ReviewError, SampleState
+from service.review.store import ReviewStore
 from tests.review_data import push_flagged, tiny_tokenizer
 from tests.sidecar import RedisServer
 

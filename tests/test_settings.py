@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import SettingsError, load_settings
+from detectors.errors import SettingsError
+from service.settings import load_settings
 from tests.sidecar import RedisServer
 
 FILE = """\

@@ -16,12 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from detectors import bundle as bundle_io
 from detectors.bundle import Aggregation
 from detectors.scoring import score_request, token_scores
-from service.ingest import encode_step
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.server import Sidecar, start
 from service.settings import Settings
 from tests.sidecar import RedisServer, request_rows, stream_requests
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
+from wire.codec import encode_step
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 K = BUNDLE.k

@@ -24,11 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.ingest import MAX_PROJECTION, RequestStore, Rows, encode_step
+from service.ingest import RequestStore
 from service.metrics import MODEL_LABEL
 from service.redaction import BUILTIN, Email, Redactor
 from service.redis_keys import FLAGGED_STREAM
-from service.rpc import monitor_pb2 as pb
 from service.sidecar_process import start_sidecar
 from tests.sidecar import RedisServer, request_rows
 from tests.test_sidecar import (
@@ -42,6 +41,8 @@ from tests.test_sidecar import (
     stub,
     wait_for,
 )
+from wire import monitor_pb2 as pb
+from wire.codec import MAX_PROJECTION, Rows, encode_step
 
 __all__ = ["redis_server"]  # the fixture, shared with test_sidecar
 

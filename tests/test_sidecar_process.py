@@ -16,10 +16,10 @@ import pytest
 import redis
 
 from detectors import bundle as bundle_io
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.sidecar_process import start_sidecar
 from tests.sidecar import RedisServer, request_rows, stream_requests
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 

@@ -15,15 +15,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from detectors import bundle as bundle_io
-from service.ingest import encode_step
 from service.redis_keys import FLAGGED_STREAM
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.server import SERVICE_NAME, Sidecar, start
 from service.settings import Settings
 from tap.publisher import Publisher
 from tap.settings import TapSettings
 from tests.sidecar import RedisServer
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
+from wire.codec import encode_step
 
 
 def make_pki(d: Path) -> dict[str, Path]:

@@ -160,11 +160,11 @@ async def test_sidecar_scores_equal_offline_score_of_real_model_projections(
     sidecar in engine-like steps, give the request scores the offline command printed."""
     import grpc
 
-    from service.rpc import monitor_pb2 as pb
-    from service.rpc import monitor_pb2_grpc as pb_grpc
     from service.server import start
     from service.settings import Settings
     from tests.sidecar import RedisServer, stream_requests
+    from wire import monitor_pb2 as pb
+    from wire import monitor_pb2_grpc as pb_grpc
 
     demo = ROOT / "detectors" / "data" / "demo_conversations.jsonl"
     p = cli("score", "--data", demo, "--model", smollm2_dir)

@@ -11,8 +11,8 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from detectors.errors import TapConfigError
 from tap.plugin import SUPPORTED_VLLM, check_vllm_version
-from tap.settings import TapConfigError
 from tests.conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

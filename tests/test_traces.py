@@ -14,18 +14,18 @@ import pytest
 
 from bench.steady_load import scrape
 from detectors import bundle as bundle_io
-from service import trace_context
-from service.ingest import encode_step
 from service.review.store import parse_sample, parse_summary
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.settings import SettingsError, load_settings
 from service.sidecar_process import start_sidecar
-from service.trace_context import BadTraceParent, parse
 from service.vllm_server import free_port
 from tests.faults.harness import wait_until
 from tests.otlp_receiver import otlp_trace_receiver
 from tests.sidecar import RedisServer
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
+from wire import trace_context
+from wire.codec import encode_step
+from wire.trace_context import BadTraceParent, parse
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -15,8 +15,8 @@ import pytest
 
 from detectors import bundle as bundle_io
 from service import vllm_server
-from service.rpc import monitor_pb2 as pb
 from tests.test_vllm_tap import BUNDLE, ROOT, received_rows, run_vllm
+from wire import monitor_pb2 as pb
 
 pytestmark = pytest.mark.slow
 B = bundle_io.load(BUNDLE)

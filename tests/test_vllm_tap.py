@@ -18,10 +18,10 @@ import pytest
 from detectors import bundle as bundle_io
 from detectors.activations import ActivationReader
 from detectors.scoring import project, token_scores
-from service.rpc import monitor_pb2 as pb
 from service.vllm_server import vllm_env
 from tests.conftest import ROOT
 from tests.tiny_models import SMALL_HIDDEN, SMALL_LAYERS, tiny_bundle, tiny_model
+from wire import monitor_pb2 as pb
 
 pytestmark = pytest.mark.slow
 BUNDLE = bundle_io.default_bundle_path()

@@ -10,6 +10,7 @@ COPY pyproject.toml README.md ./
 COPY detectors detectors
 COPY service service
 COPY tap tap
+COPY wire wire
 RUN pip install --no-cache-dir . && rm -rf /src
 USER 1000
 EXPOSE 50051 9464

@@ -13,5 +13,6 @@ COPY pyproject.toml README.md ./
 COPY detectors detectors
 COPY service service
 COPY tap tap
+COPY wire wire
 RUN pip install --no-cache-dir . && rm -rf /src
 ENTRYPOINT ["python3", "-m", "vllm.entrypoints.openai.api_server"]

@@ -15,6 +15,7 @@ from functools import cache
 
 import numpy as np
 
+from detectors.roles import RESPONSE
 from service.review.store import Sample
 
 LEVELS = 10
@@ -93,5 +94,5 @@ def heat_map(sample: Sample, feature: str) -> HeatMap | None:
         level = round(LEVELS * min(max((s - low) / (high - low), 0.0), 1.0)) if ok else -1
         over = ok and threshold is not None and s >= threshold
         tok = Token(text, special, float(s) if ok else None, level, over)
-        (response if role == 1 else prompt).append(tok)
+        (response if role == RESPONSE else prompt).append(tok)
     return HeatMap(feature, threshold, low, high, prompt, response)

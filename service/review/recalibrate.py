@@ -17,12 +17,8 @@ from pathlib import Path
 
 from detectors import bundle as bundle_io
 from detectors.bundle import Bundle
-from detectors.errors import MisalignError
+from detectors.errors import RecalibrationError
 from service.review.store import Label
-
-
-class RecalibrationError(MisalignError):
-    pass
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

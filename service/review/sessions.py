@@ -18,8 +18,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from detectors.errors import ReviewError
 from service.redis_conn import RedisClient
-from service.review.store import ReviewError
 
 PREFIX = "misalign:review:"
 # What secrets.token_urlsafe(32) makes; anything else is refused before Redis is asked.

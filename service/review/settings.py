@@ -12,15 +12,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 
-from detectors.errors import MisalignError
+from detectors.errors import ReviewSettingsError
 from service.redis_keys import LABELS_STREAM
 
 # The consumer of the reviewers' group that holds samples no reviewer has claimed.
 HOLDER = "unassigned"
-
-
-class ReviewSettingsError(MisalignError):
-    pass
 
 
 class ReviewUser(BaseModel):

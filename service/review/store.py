@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from detectors.errors import MisalignError
+from detectors.errors import ReviewError, SampleState
 from service import redis_conn
 from service.redis_conn import RedisClient
 from service.review.settings import HOLDER
@@ -45,14 +45,6 @@ SUMMARY_FIELDS = (
     "trace_id",
 )
 LABEL_FIELDS = (*SUMMARY_FIELDS, "features")
-
-
-class ReviewError(MisalignError):
-    """A review action that cannot be done, or Redis out of reach; the message says which."""
-
-
-class SampleState(ReviewError):
-    """The sample is not where the action needs it: decided, dead-lettered, held by another."""
 
 
 # --- pydantic views of what the sidecar writes (service/monitor.py `_sample`) ------------------
@@ -415,13 +407,7 @@ class ReviewStore:
     # -- keeping the group's pending list the queue ----------------------------------------
 
     async def ensure_group(self) -> None:
-        try:
-            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise ReviewError(f"redis at {self.where}: {exc}") from exc
-        except RedisError as exc:
-            raise ReviewError(f"redis at {self.where}: {exc}") from exc
+        await self._call(redis_conn.ensure_group(self.client, self.stream, self.group))
 
     async def refresh(self) -> int:
         """Read new entries into the queue, return idle claims to it and bury the poison;

@@ -29,17 +29,12 @@ import jinja2
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from detectors.errors import ReviewError, SampleState
 from service.review.heatmap import heat_map
 from service.review.query import QueryError, QueueQuery, page
 from service.review.sessions import Session, SessionStore
 from service.review.settings import Credentials, ReviewSettings
-from service.review.store import (
-    DECISIONS,
-    ReviewError,
-    ReviewStore,
-    SampleState,
-    facet_counts,
-)
+from service.review.store import DECISIONS, ReviewStore, facet_counts
 from service.review.throttle import LoginThrottle, Verdict, client_address
 
 log = logging.getLogger(__name__)

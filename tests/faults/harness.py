@@ -15,7 +15,7 @@ from collections.abc import Callable
 import grpc
 
 from bench.steady_load import EngineLoad
-from service.rpc import monitor_pb2_grpc as pb_grpc
+from wire import monitor_pb2_grpc as pb_grpc
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> float:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import redis
 
+from service.processes import stop_process
 from service.vllm_server import free_port
 
 
@@ -94,14 +95,8 @@ class RedisProc:
         self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a stopped process would sit on SIGTERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10, resume=True)
         self.socket.unlink(missing_ok=True)
 
     @property

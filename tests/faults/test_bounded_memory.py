@@ -17,12 +17,12 @@ import pytest
 
 from bench.steady_load import labeled, rss_mb, scrape
 from detectors import bundle as bundle_io
-from service.ingest import encode_step
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.sidecar_process import start_sidecar
 from tests.faults.harness import report, wait_until
 from tests.sidecar import RedisServer
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
+from wire.codec import encode_step
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 K = BUNDLE.k

@@ -15,14 +15,14 @@ import pytest
 
 from bench.steady_load import EngineLoad, labeled, scrape
 from detectors import bundle as bundle_io
-from service.rpc import monitor_pb2 as pb
-from service.rpc import monitor_pb2_grpc as pb_grpc
 from service.sidecar_process import SidecarProcess, start_sidecar
 from service.vllm_server import free_port
 from tap.publisher import Publisher
 from tap.settings import TapSettings
 from tests.faults.harness import report, wait_until
 from tests.sidecar import RedisServer
+from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow  # about a minute: the stall lasts until the tap's queue is full
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.rpc import monitor_pb2 as misalign_dot_v1_dot_monitor__pb2
+from wire import monitor_pb2 as misalign_dot_v1_dot_monitor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

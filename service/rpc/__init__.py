@@ -1,1 +1,0 @@
-"""Generated from proto/misalign/v1/monitor.proto by scripts/gen_proto.sh; do not edit."""
