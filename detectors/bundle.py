@@ -11,6 +11,15 @@ stream after decoder layer ``layer``; for a ``jumprelu`` feature it is that valu
 ``jump_threshold[i]`` and 0 elsewhere. The metadata holds a JSON ``spec`` (model, layer, features,
 calibration), the format version and a content hash over spec and tensors, which every score,
 metric and flagged sample carries.
+
+Two optional parts, absent from (and so not changing the hash of) a single-layer bundle:
+
+* a feature's ``layer``: its direction reads the residual after that decoder layer instead of the
+  bundle's ``layer``; the tap projects after each tapped layer into its columns of one buffer, so a
+  token still carries k numbers;
+* a feature's ``head``: its request score is ``bias + sum_j weights[j] * pooled[inputs[j]]``, the
+  feature's own aggregation applied to each input feature's token scores (a logistic probe's logit
+  over several pooled projections). The head lives in the spec, so the content hash covers it.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -100,6 +109,28 @@ class Calibration(_Strict):
         return v
 
 
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Head(_Strict):
+    """A feature's request score as a linear function (a logistic probe's logit) of the pooled
+    token scores of ``inputs`` (feature names, the feature itself allowed)."""
+
+    inputs: tuple[str, ...] = Field(min_length=1)
+    weights: tuple[Finite, ...]
+    bias: Finite = 0.0
+
+    @model_validator(mode="after")
+    def _one_weight_per_input(self) -> Head:
+        if len(self.weights) != len(self.inputs):
+            raise ValueError(
+                f"{len(self.weights)} weights for {len(self.inputs)} inputs; expected one each"
+            )
+        if len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f"inputs repeat a feature: {list(self.inputs)}")
+        return self
+
+
 class FeatureSpec(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")
     method: Method
@@ -108,6 +139,18 @@ class FeatureSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     aggregation: Aggregation = Aggregation()
     calibration: Calibration | None = None
+    # The decoder layer this feature's direction reads; None: the bundle's layer.
+    layer: int | None = Field(default=None, gt=0)
+    head: Head | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_parts(self, handler: Any) -> dict[str, Any]:
+        # Single-layer bundles without heads keep the content hash they were written with.
+        out: dict[str, Any] = handler(self)
+        for key in ("layer", "head"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class BundleSpec(_Strict):
@@ -132,6 +175,20 @@ class Bundle:
     @property
     def feature_names(self) -> list[str]:
         return [f.name for f in self.spec.features]
+
+    @property
+    def layers(self) -> list[int]:
+        """The decoder layer each direction (column) reads, in column order."""
+        return [f.layer or self.spec.layer for f in self.spec.features]
+
+    @property
+    def tapped_layers(self) -> list[int]:
+        """The distinct layers the tap projects after, shallowest first."""
+        return sorted(set(self.layers))
+
+    def columns_at(self, layer: int) -> np.ndarray:
+        """The column indices whose directions read ``layer``."""
+        return np.array([i for i, x in enumerate(self.layers) if x == layer], np.int64)
 
     @property
     def content_hash(self) -> str:
@@ -229,6 +286,29 @@ def validate(b: Bundle, where: object) -> None:
             where,
             f"field 'layer' is {s.layer}, expected 1..{s.model.num_layers} for {s.model.name}",
         )
+    for i, f in enumerate(s.features):
+        if f.layer is not None and not 1 <= f.layer <= s.model.num_layers:
+            raise BundleError(
+                where,
+                f"field 'features.{i}.layer' ({f.name!r}) is {f.layer}, expected "
+                f"1..{s.model.num_layers} for {s.model.name}",
+            )
+        if f.head is None:
+            continue
+        for j, name in enumerate(f.head.inputs):
+            if name not in names:
+                raise BundleError(
+                    where,
+                    f"field 'features.{i}.head.inputs.{j}' ({f.name!r}) is {name!r}, expected "
+                    f"one of the bundle's features {names}",
+                )
+            if name != f.name and s.features[names.index(name)].head is not None:
+                # One level only: a head reads pooled token scores, which a head has none of.
+                raise BundleError(
+                    where,
+                    f"field 'features.{i}.head.inputs.{j}' ({f.name!r}) is {name!r}, which has a "
+                    "head itself; expected a feature without one",
+                )
     expect = {"directions": (k, d), "bias": (k,), "jump_threshold": (k,)}
     for name, shape in expect.items():
         arr = getattr(b, name)

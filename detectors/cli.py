@@ -197,6 +197,15 @@ def extract(
     type=click.Path(path_type=Path),
     help="JSONL of benign conversations (repeatable)",
 )
+@click.option(
+    "--generate/--no-generate",
+    default=False,
+    show_default=True,
+    help="calibrate on the model's own greedy answers to the --benign prompts, not their answers",
+)
+@click.option(
+    "--generate-tokens", default=64, show_default=True, help="tokens per generated answer"
+)
 @click.option("--fpr", default=0.01, show_default=True, help="target false-positive rate")
 @click.option("--feature", "features", multiple=True, help="calibrate only these (default all)")
 @click.option(
@@ -218,6 +227,8 @@ def extract(
 def calibrate(
     bundle_path: Path,
     benign: tuple[Path, ...],
+    generate: bool,
+    generate_tokens: int,
     fpr: float,
     features: tuple[str, ...],
     reduce: str | None,
@@ -230,7 +241,7 @@ def calibrate(
     read: ReaderOptions,
 ) -> None:
     """Set each feature's threshold at a false-positive rate on benign traffic."""
-    from detectors.calibrate import apply_calibration
+    from detectors.calibrate import apply_calibration, served_answers
     from detectors.model_store import model_info
     from detectors.offline import score_records
     from detectors.transcripts import read_jsonl
@@ -260,12 +271,19 @@ def calibrate(
                 f = f.model_copy(update={"aggregation": new_agg})
             feats.append(f)
         b = b.with_spec(b.spec.model_copy(update={"features": tuple(feats)}))
-    records = [r for path in benign for r in read_jsonl(path)]
+    if generate_tokens < 1:
+        raise click.BadParameter(f"must be at least 1, got {generate_tokens}")
+    records = []
+    for path in benign:
+        got = read_jsonl(path)
+        records += served_answers(reader, got, path, generate_tokens) if generate else got
     scored = list(score_records(b, reader, records, max_tokens=max_tokens))
     by_feature = {
         n: np.array([s.features[b.feature_names.index(n)].score for s in scored]) for n in names
     }
     source = " + ".join(p.name for p in benign)
+    if generate:
+        source = f"{b.spec.model.name}'s own greedy answers ({generate_tokens} tokens) to {source}"
     b = apply_calibration(b, by_feature, fpr, source)
     dest = out or bundle_path
     bundle_io.save(b, dest)

@@ -1,6 +1,6 @@
 """Running a bundle over transcripts offline, with the transformers reader.
 
-The same arithmetic as the live path: project the residual at the bundle's layer (what the tap
+The same arithmetic as the live path: project the residual at each layer the bundle reads (what the tap
 sends), then ``scoring.token_scores`` and ``scoring.score_request`` (what the sidecar does).
 """
 
@@ -61,19 +61,20 @@ def score_records(
     batch_size: int = 8,
     progress: bool = True,
 ) -> Iterator[ScoredRecord]:
-    reader.check_layer(bundle.spec.layer)
-    layer = bundle.spec.layer
+    layers = bundle.tapped_layers or [bundle.spec.layer]
+    for layer in layers:
+        reader.check_layer(layer)
     for i, acts in enumerate(
         reader.read(
             records,
-            [layer],
+            layers,
             max_tokens=max_tokens,
             batch_size=batch_size,
             progress=progress,
             desc="scoring",
         )
     ):
-        proj = project(bundle, acts.layers[layer])
+        proj = project(bundle, acts.layers)
         ts = token_scores(bundle, proj)
         yield ScoredRecord(
             index=i,

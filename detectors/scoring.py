@@ -6,6 +6,7 @@ runs it on projections it computes itself, so both give the same answer for the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,12 +15,32 @@ from detectors.bundle import Bundle
 from detectors.roles import PROMPT, RESPONSE
 
 
-def project(bundle: Bundle, acts: np.ndarray) -> np.ndarray:
-    """Raw projections ``[t, k]`` of residual activations ``[t, d]`` (no bias, no JumpReLU).
+def project(bundle: Bundle, acts: np.ndarray | Mapping[int, np.ndarray]) -> np.ndarray:
+    """Raw projections ``[t, k]`` of residual activations (no bias, no JumpReLU): ``[t, d]`` at
+    the bundle's one layer, or layer -> ``[t, d]`` holding every layer the bundle reads.
 
-    This is exactly what the tap computes inside the model and sends; ``token_scores`` finishes it.
+    This is exactly what the tap computes inside the model and sends (each column after its own
+    layer); ``token_scores`` finishes it.
     """
-    return np.asarray(acts, np.float32) @ bundle.directions.T
+    if not isinstance(acts, Mapping):
+        if bundle.tapped_layers not in ([], [bundle.spec.layer]):
+            raise ValueError(
+                f"the bundle reads layers {bundle.tapped_layers}; pass activations by layer"
+            )
+        return np.asarray(acts, np.float32) @ bundle.directions.T
+    layers = bundle.tapped_layers
+    missing = [x for x in layers if x not in acts]
+    if missing:
+        raise ValueError(f"no activations for layers {missing} the bundle reads")
+    if not layers:
+        t = len(next(iter(acts.values()))) if acts else 0
+        return np.zeros((t, 0), np.float32)
+    t = len(acts[layers[0]])
+    out = np.empty((t, bundle.k), np.float32)
+    for layer in layers:
+        cols = bundle.columns_at(layer)
+        out[:, cols] = np.asarray(acts[layer], np.float32) @ bundle.directions[cols].T
+    return out
 
 
 def token_scores(bundle: Bundle, projections: np.ndarray) -> np.ndarray:
@@ -214,6 +235,24 @@ class Scorer:
                 self.base_mean[i] = f.calibration.baseline_mean
                 self.base_std[i] = f.calibration.baseline_std
         self.score_groups = [(key, np.array(cols)) for key, cols in by_score.items()]
+        # Features scored by a head: (column, aggregation key, input columns, weights, bias).
+        index = {n: i for i, n in enumerate(self.names)}
+        self.heads = [
+            (
+                i,
+                (
+                    f.aggregation.span,
+                    f.aggregation.reduce,
+                    f.aggregation.window if f.aggregation.reduce == "max_rolling_mean" else 0,
+                    f.aggregation.temperature or 0.0,
+                ),
+                np.array([index[n] for n in f.head.inputs], np.int64),
+                np.asarray(f.head.weights, np.float64),
+                float(f.head.bias),
+            )
+            for i, f in enumerate(feats)
+            if f.head is not None
+        ]
         self.window_groups = [(w, np.array(cols)) for w, cols in by_window.items()]
 
     def token_scores(self, projections: np.ndarray) -> np.ndarray:
@@ -270,6 +309,10 @@ class Scorer:
             return out
 
         score = by_column(self.score_groups)
+        if self.heads:
+            score = score.copy()  # by_column may hand back a cached aggregate
+            for col, key, inputs, weights, bias in self.heads:
+                score[:, col] = aggregate(*key)[:, inputs] @ weights + bias
         rolling = by_column(
             [(("response", "max_rolling_mean", w, 0.0), cols) for w, cols in self.window_groups]
         )

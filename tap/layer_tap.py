@@ -1,4 +1,5 @@
-"""Turn the decoder layer at the bundle's depth into one that projects after its forward.
+"""Turn the decoder layer at the bundle's depth (or each layer a multi-layer bundle reads) into one
+that projects after its forward.
 
 Bundle layer L is the residual stream after decoder layer L (1-based). The decoder layers are
 found from vLLM's own module structure, for any architecture (detectors.decoder_layers: the
@@ -25,7 +26,7 @@ from detectors.decoder_layers import find_decoder_layers
 from detectors.errors import TapConfigError
 from tap import projection_op
 
-_TAPPED: dict[tuple[type, bool], type] = {}
+_TAPPED: dict[tuple[type, str], type] = {}
 
 
 def _stream_parts(base: type, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +52,11 @@ def _stream_parts(base: type, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _tapped(base: Any, mitigate: bool) -> type:
-    if (base, mitigate) in _TAPPED:
-        return _TAPPED[base, mitigate]
+def _tapped(base: Any, kind: str) -> type:
+    """``base`` with the op after its forward: ``kind`` is 'project' (all k columns),
+    'columns' (this layer's columns of a multi-layer bundle) or 'mitigate'."""
+    if (base, kind) in _TAPPED:
+        return _TAPPED[base, kind]
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = base.forward(self, *args, **kwargs)
@@ -81,9 +84,24 @@ def _tapped(base: Any, mitigate: bool) -> type:
         )
         return out  # the tensors the op edited in place
 
+    def forward_columns(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = base.forward(self, *args, **kwargs)
+        hidden, residual = _stream_parts(base, out)
+        torch.ops.misalign.project_columns(
+            hidden,
+            residual,
+            self.tap_weight,
+            self.tap_bias,
+            self.tap_jump,
+            self.tap_cols,
+            self.tap_out,
+        )
+        return out
+
+    forwards = {"project": forward, "columns": forward_columns, "mitigate": forward_mitigate}
     name = f"Tapped{base.__name__}"
-    cls = type(name, (base,), {"forward": forward_mitigate if mitigate else forward})
-    _TAPPED[base, mitigate] = cls
+    cls = type(name, (base,), {"forward": forwards[kind]})
+    _TAPPED[base, kind] = cls
     return cls
 
 
@@ -96,22 +114,39 @@ def decoder_layers(model: Any, num_layers: int) -> Any:
     return layers
 
 
+def _weighted(layers: Any, layer: int) -> tuple[Any, torch.device]:
+    target = layers[layer - 1]
+    params = list(target.parameters())
+    if not params:  # vLLM's PPMissingLayer, or a layer without weights: nothing to read
+        raise TapConfigError(
+            f"misalign tap: decoder layer {layer} is a {type(target).__name__} "
+            "without weights in this process; refusing to serve unmonitored"
+        )
+    return target, params[0].device
+
+
 def attach(model: Any, bundle: Bundle, rows: int, mitigate: bool) -> Any:
     """Tap ``model``'s decoder layer at the bundle's depth; return that layer.
 
     ``rows`` is the most tokens one engine step can hold (buffers are preallocated once);
     ``mitigate`` selects the op that can also move the residual stream (tap.mitigation).
+    A bundle whose directions read several layers gets the op after each of them, all writing
+    into one ``tap_out`` buffer; the deepest is returned (the host reads ``tap_out`` after the
+    forward, when every layer has written its columns).
     """
-    target = decoder_layers(model, bundle.spec.model.num_layers)[bundle.spec.layer - 1]
+    tapped = bundle.tapped_layers
+    if len(tapped) > 1:
+        if mitigate:
+            raise TapConfigError(
+                f"misalign tap: MISALIGN_TAP_MITIGATION needs a bundle at one layer, but bundle "
+                f"{bundle.bundle_id} reads layers {tapped}; unset it or use a single-layer bundle"
+            )
+        return _attach_columns(model, bundle, rows, tapped)
+    target, device = _weighted(
+        decoder_layers(model, bundle.spec.model.num_layers), bundle.spec.layer
+    )
     if hasattr(target, "tap_out"):
         return target
-    params = list(target.parameters())
-    if not params:  # vLLM's PPMissingLayer, or a layer without weights: nothing to read
-        raise TapConfigError(
-            f"misalign tap: decoder layer {bundle.spec.layer} is a {type(target).__name__} "
-            "without weights in this process; refusing to serve unmonitored"
-        )
-    device = params[0].device
     k = bundle.k
 
     def buf(name: str, value: np.ndarray | torch.Tensor) -> None:
@@ -119,9 +154,7 @@ def attach(model: Any, bundle: Bundle, rows: int, mitigate: bool) -> Any:
         # Buffers, not parameters: no weight loader sees them, the compiled graph captures them.
         target.register_buffer(name, t, persistent=False)
 
-    jump = np.where(
-        [f.kind == "jumprelu" for f in bundle.spec.features], bundle.jump_threshold, -np.inf
-    )
+    jump = _jumps(bundle)
     buf("tap_weight", bundle.directions.T)
     buf("tap_bias", bundle.bias)
     buf("tap_jump", jump)
@@ -133,8 +166,38 @@ def attach(model: Any, bundle: Bundle, rows: int, mitigate: bool) -> Any:
         buf("tap_threshold", mitigation_thresholds(bundle))
         buf("tap_ctl", np.zeros((rows, projection_op.ctl_width(k))))
         buf("tap_applied", np.zeros(rows))
-    target.__class__ = _tapped(type(target), mitigate)
+    target.__class__ = _tapped(type(target), "mitigate" if mitigate else "project")
     return target
+
+
+def _jumps(bundle: Bundle) -> np.ndarray:
+    return np.where(
+        [f.kind == "jumprelu" for f in bundle.spec.features], bundle.jump_threshold, -np.inf
+    )
+
+
+def _attach_columns(model: Any, bundle: Bundle, rows: int, tapped: list[int]) -> Any:
+    layers = decoder_layers(model, bundle.spec.model.num_layers)
+    targets = [_weighted(layers, layer) for layer in tapped]
+    if hasattr(targets[-1][0], "tap_out"):
+        return targets[-1][0]
+    jump = _jumps(bundle)
+    out = torch.zeros((rows, bundle.k), dtype=torch.float32, device=targets[-1][1])
+    for layer, (target, device) in zip(tapped, targets, strict=True):
+        cols = bundle.columns_at(layer)
+
+        def buf(name: str, value: np.ndarray, dtype: Any = np.float32) -> None:
+            t = torch.as_tensor(np.ascontiguousarray(value, dtype=dtype), device=device)  # noqa: B023
+            target.register_buffer(name, t, persistent=False)  # noqa: B023
+
+        buf("tap_weight", bundle.directions[cols].T)
+        buf("tap_bias", bundle.bias[cols])
+        buf("tap_jump", jump[cols])
+        buf("tap_cols", cols, np.int64)
+        # The same tensor on every tapped layer: one buffer, each layer its columns.
+        target.register_buffer("tap_out", out, persistent=False)
+        target.__class__ = _tapped(type(target), "columns")
+    return targets[-1][0]
 
 
 def mitigation_thresholds(bundle: Bundle) -> np.ndarray:

@@ -125,6 +125,12 @@ def parse_rules(
                 f"misalign tap: {where}: {part!r}: @flagged needs a threshold, and {name!r} "
                 f"has no calibration in bundle {bundle.bundle_id}; use @always"
             )
+        if when == "flagged" and bundle.spec.features[index].head is not None:
+            # The op's gate is the feature's own running mean; a head's threshold is on the head.
+            raise TapConfigError(
+                f"misalign tap: {where}: {part!r}: @flagged needs the feature scored by its own "
+                f"direction, but bundle {bundle.bundle_id} scores {name!r} by a head; use @always"
+            )
         if when == "flagged" and (agg.span, agg.reduce) != ("response", "mean"):
             # The op's gate is the running response mean; a threshold calibrated for another
             # statistic would open it at the wrong time.

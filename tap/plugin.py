@@ -69,9 +69,9 @@ def register() -> None:
     projection_op.register()
     runner_hook.install()
     log.info(
-        "misalign tap active: bundle %s layer %d, %d features, sidecar %s",
+        "misalign tap active: bundle %s layers %s, %d features, sidecar %s",
         bundle.bundle_id,
-        bundle.spec.layer,
+        ",".join(map(str, bundle.tapped_layers or [bundle.spec.layer])),
         bundle.k,
         settings.sidecar,
     )

@@ -7,6 +7,10 @@ reads after the step::
     out[:n] = act((hidden + residual) @ weight + bias)     act: JumpReLU where a feature has a
                                                             threshold (SAE latents), else identity
 
+``misalign::project_columns`` is the same for a bundle whose directions read several layers: the
+op after each tapped layer computes that layer's directions and writes their columns of the one
+buffer (``out[:n, cols]``), so after the forward each row holds its k numbers as for one layer.
+
 ``misalign::project_mitigate`` does the same, then moves the residual stream of the rows the host
 marked (``ctl``, written before the step) away from the features::
 
@@ -59,6 +63,32 @@ def _project(
 ) -> None:
     n = hidden.shape[0]
     _activations((hidden + residual).to(torch.float32), weight, bias, jump, out[:n])
+
+
+def _project_columns(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    jump: torch.Tensor,
+    cols: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    n = hidden.shape[0]
+    act = torch.matmul((hidden + residual).to(torch.float32), weight) + bias
+    out[:n].index_copy_(1, cols, act.masked_fill(act <= jump, 0.0))
+
+
+def _project_columns_fake(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    jump: torch.Tensor,
+    cols: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    return None
 
 
 def _project_mitigate(
@@ -141,6 +171,7 @@ def register() -> None:
     except ImportError:  # torch alone: timing the op on a machine without vLLM
         pass
     register_op("project", _project, ["out"], _project_fake)
+    register_op("project_columns", _project_columns, ["out"], _project_columns_fake)
     register_op(
         "project_mitigate",
         _project_mitigate,

@@ -198,3 +198,115 @@ def test_softmax_aggregation_round_trips_and_needs_its_temperature(tmp_path: Pat
         with pytest.raises(BundleError, match=r"features\.0\.aggregation") as err:
             bundle_io.load(path)
         assert msg in str(err.value)
+
+
+def _multi(tmp_path: Path) -> tuple[Bundle, Path]:
+    from tests.tiny_models import multi_layer_bundle
+
+    path = tmp_path / "multi.safetensors"
+    return multi_layer_bundle(path, MODEL, (2, 4)), path
+
+
+def test_multi_layer_and_head_bundle_round_trips(tmp_path: Path) -> None:
+    b, path = _multi(tmp_path)
+    loaded = bundle_io.load(path)
+    assert loaded.spec == b.spec and loaded.content_hash == b.content_hash
+    assert loaded.layers == [2, 4, 4, 2] and loaded.tapped_layers == [2, 4]
+    assert loaded.columns_at(4).tolist() == [1, 2]
+    head = loaded.feature("combined").head
+    assert head is not None and head.inputs == ("combined", "f1", "sae_latent")
+    assert head.weights == (0.7, -1.2, 0.5) and head.bias == 0.1
+
+
+def test_single_layer_bundles_keep_their_hash_and_the_hash_covers_layers_and_heads(
+    tmp_path: Path,
+) -> None:
+    # A bundle without either part writes no 'layer' or 'head' key, so its hash is the one it was
+    # written with before multi-layer bundles existed (the shipped bundle loads: its stored hash).
+    spec = make_bundle().spec.model_dump(mode="json")
+    assert all("layer" not in f and "head" not in f for f in spec["features"])
+    bundle_io.load(bundle_io.default_bundle_path())
+    b, _ = _multi(tmp_path)
+    feats = list(b.spec.features)
+    moved = feats[1].model_copy(update={"layer": 3})
+    head = feats[3].head
+    assert head is not None
+    reweighted = feats[3].model_copy(
+        update={"head": head.model_copy(update={"weights": (0.7, -1.2, 0.6)})}
+    )
+    hashes = {b.content_hash}
+    for i, f in ((1, moved), (3, reweighted)):
+        changed = list(feats)
+        changed[i] = f
+        hashes.add(b.with_spec(b.spec.model_copy(update={"features": tuple(changed)})).content_hash)
+    assert len(hashes) == 3
+
+
+def _edit_spec(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        spec = json.loads(fh.metadata()["spec"])
+    edit(spec)
+    rewrite(path, spec=json.dumps(spec))
+
+
+def _set(spec: dict, feature: int, key: str, value: object) -> None:  # type: ignore[type-arg]
+    *parents, last = key.split(".")
+    d = spec["features"][feature]
+    for p in parents:
+        d = d[p]
+    d[last] = value
+
+
+@pytest.mark.parametrize(
+    ("feature", "key", "value", "message"),
+    [
+        (1, "layer", 9, "field 'features.1.layer' ('f1') is 9, expected 1..4"),
+        (1, "layer", 0, "field 'features.1.layer'"),
+        (1, "layer", "deep", "field 'features.1.layer'"),
+        (3, "head.weights", [0.7, float("nan"), 0.5], "field 'features.3.head.weights.1'"),
+        (3, "head.weights", [0.7, float("inf"), 0.5], "field 'features.3.head.weights.1'"),
+        (3, "head.bias", float("-inf"), "field 'features.3.head.bias'"),
+        (3, "head.weights", [0.7, -1.2], "field 'features.3.head': Value error, 2 weights"),
+        (3, "head.inputs", ["combined", "nope", "f0"], "field 'features.3.head.inputs.1'"),
+        (3, "head.inputs", [], "field 'features.3.head.inputs'"),
+        (0, "head", {"inputs": ["combined"], "weights": [1.0]}, "which has a head itself"),
+    ],
+    ids=[
+        "layer-too-deep",
+        "layer-zero",
+        "layer-not-int",
+        "nan-weight",
+        "inf-weight",
+        "inf-bias",
+        "weights-vs-inputs",
+        "unknown-input",
+        "no-inputs",
+        "nested-head",
+    ],
+)
+def test_bad_layer_lists_and_heads_are_refused_naming_the_field(
+    tmp_path: Path, feature: int, key: str, value: object, message: str
+) -> None:
+    _, path = _multi(tmp_path)
+    _edit_spec(path, lambda s: _set(s, feature, key, value))
+    with pytest.raises(BundleError) as err:
+        bundle_io.load(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_cli_exits_2_naming_the_bad_head_field(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _, path = _multi(tmp_path)
+    _edit_spec(path, lambda s: _set(s, 3, "head.weights", [0.7, float("nan"), 0.5]))
+    p = subprocess.run(
+        [sys.executable, "-m", "service.cli", "score", "--bundle", str(path), "--data", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    assert "features.3.head.weights.1" in p.stderr and "Traceback" not in p.stderr

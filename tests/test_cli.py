@@ -217,3 +217,42 @@ def test_calibrate_to_softmax_pooling_needs_a_temperature(
 
     agg = bundle_io.load(out).feature("planted").aggregation
     assert agg.reduce == "softmax" and agg.temperature == 0.5
+
+
+def test_calibrate_on_the_models_own_answers(
+    planted_model: Path, planted_reader, data: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """``--generate``: the threshold comes from the model's own greedy answers to the benign
+    prompts, exactly what offline scoring gives those answers."""
+    from detectors import bundle as bundle_io
+    from detectors.calibrate import calibration_from_scores, served_answers
+    from detectors.offline import score_records
+    from detectors.transcripts import read_jsonl
+
+    out = tmp_path / "b.safetensors"
+    p = run(
+        "extract", "--method", "probe", "--data", data, "--feature", "planted",
+        "--layer", "2", "--out", out, "--model", planted_model,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    benign = write_jsonl(
+        tmp_path / "benign.jsonl", [r for r in labeled_records(10, seed=5) if r["label"] == 0]
+    )
+    args = ("calibrate", "--bundle", out, "--benign", benign, "--model", planted_model)
+    p = run(*args, "--generate", "--generate-tokens", "12")
+    assert p.returncode == 0, p.stderr
+    cal = bundle_io.load(out).feature("planted").calibration
+    assert cal is not None and "own greedy answers (12 tokens) to benign.jsonl" in cal.source
+    records = read_jsonl(benign)
+    answers = served_answers(planted_reader, records, benign, 12)
+    assert answers == served_answers(planted_reader, records, benign, 12)  # greedy: repeatable
+    assert [a.prompt_messages for a in answers] == [r.prompt_messages for r in records]
+    assert [a.response for a in answers] != [r.response for r in records]
+    b = bundle_io.load(out)
+    scores = [
+        s.features[0].score for s in score_records(b, planted_reader, answers, progress=False)
+    ]
+    want = calibration_from_scores(np.array(scores), 0.01, "x")
+    assert cal.threshold == pytest.approx(want.threshold, rel=1e-5)
+    assert cal.n_benign == len(records) == 10
+    assert_user_error(run(*args, "--generate", "--generate-tokens", "0"), "at least 1")

@@ -138,3 +138,34 @@ def test_mitigation_under_model_runner_v2_is_refused_at_load_on_a_runner_stand_i
     runner_hook._check_model(runner_stand_in(1), cfg, v2=False)
     with pytest.raises(TapConfigError, match="MISALIGN_TAP_MITIGATION is not supported under"):
         runner_hook._check_model(runner_stand_in(1), cfg, v2=True)
+
+
+def test_a_multi_layer_bundle_writes_each_layers_columns_of_one_buffer_of_modules_built_in_test(
+    tmp_path: Path,
+) -> None:
+    from tests.tiny_models import multi_layer_bundle
+
+    projection_op.register()
+    ref = ModelRef(name="toy", hidden_size=D, num_layers=LAYERS, architecture="Toy")
+    b = multi_layer_bundle(tmp_path / "m.safetensors", ref, (1, 3))
+    model = Model(StreamLayer)
+    layers = model.model.layers
+    x = torch.randn(5, D)
+    with torch.inference_mode():
+        want = {1: layers[0](x)}
+        want[2] = layers[1](want[1])
+        want[3] = layers[2](want[2])
+        target = layer_tap.attach(model, b, rows=16, mitigate=False)
+        assert target is layers[2] and layer_tap.attach(model, b, 16, False) is target
+        assert layers[0].tap_out is target.tap_out and not hasattr(layers[1], "tap_out")
+        h = x
+        for layer in layers:
+            h = layer(h)
+    torch.testing.assert_close(h, want[3])  # the stream is unchanged
+    from detectors.scoring import project, token_scores
+
+    expect = token_scores(b, project(b, {k: v.numpy() for k, v in want.items()}))
+    np.testing.assert_allclose(target.tap_out[:5].numpy(), expect, rtol=1e-5, atol=1e-5)
+    assert (expect[:, 2] == 0).any() or (expect[:, 2] > 0.02).all()  # JumpReLU applied
+    with pytest.raises(TapConfigError, match=r"reads layers \[1, 3\]"):
+        layer_tap.attach(Model(StreamLayer), b, rows=16, mitigate=True)

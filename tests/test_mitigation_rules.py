@@ -82,6 +82,17 @@ def test_flagged_needs_a_feature_scored_as_the_response_mean() -> None:
     assert parse_rules("toxic=steer:2@always", b, "env")[0].when == "always"
 
 
+def test_flagged_is_refused_for_a_feature_scored_by_a_head() -> None:
+    from detectors.bundle import Head
+
+    head = Head(inputs=("toxic", "misaligned_persona"), weights=(1.0, 0.5))
+    spec = B.spec.features[TOX].model_copy(update={"head": head})
+    b = B.with_feature(spec, B.directions[TOX], float(B.bias[TOX]), 0.0)
+    with pytest.raises(TapConfigError, match="scores 'toxic' by a head; use @always"):
+        parse_rules("toxic=steer:2@flagged", b, "env")
+    assert parse_rules("toxic=steer:2@always", b, "env")[0].when == "always"
+
+
 @pytest.mark.parametrize(
     ("default_on", "asked", "label"),
     [

@@ -138,3 +138,44 @@ def test_score_request_pools_with_the_features_softmax_temperature() -> None:
         assert s.score == pytest.approx(float((w * resp).sum() / w.sum()))
         assert s.response_mean == pytest.approx(4 / 3)
     assert s0.score > s1.score  # the colder softmax leans further towards the max
+
+
+def test_a_multi_layer_bundle_projects_each_column_at_its_layer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from detectors.scoring import project
+    from tests.test_bundle import MODEL
+    from tests.tiny_models import multi_layer_bundle
+
+    b = multi_layer_bundle(tmp_path / "m.safetensors", MODEL, (2, 4))
+    rng = np.random.default_rng(0)
+    acts = {2: rng.normal(size=(5, 8)), 4: rng.normal(size=(5, 8)), 3: rng.normal(size=(5, 8))}
+    got = project(b, acts)
+    for col, layer in enumerate(b.layers):
+        np.testing.assert_allclose(got[:, col], acts[layer] @ b.directions[col], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"reads layers \[2, 4\]"):
+        project(b, acts[2])
+    with pytest.raises(ValueError, match=r"no activations for layers \[4\]"):
+        project(b, {2: acts[2]})
+
+
+def test_a_head_scores_its_inputs_pooled_by_the_features_aggregation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_bundle import MODEL
+    from tests.tiny_models import multi_layer_bundle
+
+    b = multi_layer_bundle(tmp_path / "m.safetensors", MODEL, (2, 4))
+    combined = b.spec.features[3].model_copy(
+        update={"aggregation": Aggregation(reduce="softmax", temperature=0.5)}
+    )
+    b = b.with_spec(b.spec.model_copy(update={"features": (*b.spec.features[:3], combined)}))
+    rng = np.random.default_rng(1)
+    ts = rng.normal(size=(30, 4)).astype(np.float32)
+    roles = (np.arange(30) >= 6).astype(np.int8)
+    got = score_request(b, ts, roles)
+    pooled = pool_segments(ts[roles == 1], np.array([0, 24]), "softmax", temperature=0.5)[0]
+    want = 0.1 + 0.7 * pooled[3] - 1.2 * pooled[1] + 0.5 * pooled[2]
+    assert got[3].score == pytest.approx(want, rel=1e-9)
+    assert got[3].flagged == (want > 0.5) and got[3].z == pytest.approx(want)
+    # the head's inputs keep their own scores (response mean by default)
+    assert got[1].score == pytest.approx(ts[roles == 1, 1].mean(dtype=np.float64), rel=1e-6)
+    # a request without a response: no pooled value, no head score, no flag
+    none = score_request(b, ts[:6], roles[:6])
+    assert np.isnan(none[3].score) and not none[3].flagged

@@ -567,3 +567,45 @@ async def test_trimming_the_stream_dead_letters_every_sample_not_yet_decided(
         assert r.xpending("flags", "reviewers")["pending"] == 0  # r1 acknowledged as dead
     finally:
         await q.close()
+
+
+async def test_multi_layer_head_bundle_scores_equal_offline_scoring(
+    tmp_path: Path, redis_server: RedisServer, planted_reader
+) -> None:  # type: ignore[no-untyped-def]
+    """A bundle reading layers 2 and 4 of the planted model, one feature scored by a head: the
+    rows offline scoring projects (each column at its layer), streamed to the sidecar, get the
+    request scores and flags offline scoring gives them."""
+    from detectors.bundle import ModelRef
+    from detectors.offline import score_records
+    from detectors.transcripts import parse_lines
+    from tests.planted import labeled_records
+    from tests.tiny_models import multi_layer_bundle
+
+    path = tmp_path / "multi.safetensors"
+    ref = ModelRef(name="planted", hidden_size=16, num_layers=4)
+    bundle = multi_layer_bundle(path, ref, (2, 4))
+    records = parse_lines(json.dumps(r) for r in labeled_records(4))
+    offline = list(score_records(bundle, planted_reader, records, progress=False))
+    assert {len(s.features) for s in offline} == {4}
+    sc = await make_sidecar(tmp_path, redis_server.url, bundle=path)
+    try:
+        reqs = [
+            (f"r{s.index}", np.arange(len(s.roles)), s.token_ids, s.roles, s.projections)
+            for s in offline
+        ]
+        ch, s = stub(sc)
+        await send(s, stream_requests(bundle.bundle_id, bundle.k, reqs))
+        heads = []
+        for want in offline:
+            got = await s.GetRequestScore(pb.GetRequestScoreRequest(request_id=f"r{want.index}"))
+            assert got.bundle_id == bundle.bundle_id
+            for g, w in zip(got.features, want.features, strict=True):
+                assert g.name == w.name
+                assert g.score == pytest.approx(w.score, rel=1e-5, abs=1e-6)
+                assert g.flagged == w.flagged
+            heads.append(want.features[3].score)
+        # the head's score is not its own column's mean: the head ran in both
+        assert not np.allclose(heads, [w.features[3].response_mean for w in offline])
+        await ch.close()
+    finally:
+        await sc.stop()

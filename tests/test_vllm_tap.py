@@ -134,9 +134,11 @@ def check_parity(
         seq = out["prompt_token_ids"] + out["output_token_ids"][:-1]
         n_prompt = len(out["prompt_token_ids"])
         roles = [0] * n_prompt + [1] * (len(seq) - n_prompt)
-        acts = next(reader.read_encoded([(seq, roles)], [b.spec.layer], progress=False))
-        # The tap sends activations: the projection plus bias (JumpReLU for SAE latents).
-        offline = token_scores(b, project(b, acts.layers[b.spec.layer]))
+        layers = b.tapped_layers or [b.spec.layer]
+        acts = next(reader.read_encoded([(seq, roles)], layers, progress=False))
+        # The tap sends activations: the projection plus bias (JumpReLU for SAE latents), each
+        # column after its own layer.
+        offline = token_scores(b, project(b, acts.layers))
         assert set(got) <= set(range(len(seq)))
         assert (
             len(got) >= len(seq) - n_prompt
@@ -213,6 +215,38 @@ def test_tap_parity_on_every_decoder_family(
         [np.frombuffer(b.projections, "<f4").reshape(-1, 4)[:, 3] for b in rec.batches]
     )
     assert (sae == 0).any() and (sae > 0.02).any()  # JumpReLU cut some rows on the device
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_tap_parity_for_a_bundle_reading_two_layers(
+    smollm2_dir: Path, tmp_path: Path, recorder, mode: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A 2-layer tiny Llama, a bundle reading both layers (tests/tiny_models.multi_layer_bundle):
+    the op after each layer writes its columns of one buffer, so every row the sidecar gets is
+    transformers' hidden states projected column by column at each column's layer, in eager and
+    in compiled vLLM (the engine in-process: one engine start less)."""
+    from detectors.bundle import ModelRef
+    from tests.tiny_models import multi_layer_bundle
+
+    rec, addr = recorder
+    arch = "LlamaForCausalLM"
+    model = tiny_model(tmp_path / "model", arch, smollm2_dir, SMALL_HIDDEN, SMALL_LAYERS)
+    ref = ModelRef(
+        name=f"tiny-{arch}", hidden_size=SMALL_HIDDEN, num_layers=SMALL_LAYERS, architecture=arch
+    )
+    bundle = tmp_path / "multi.safetensors"
+    b = multi_layer_bundle(bundle, ref, (1, 2))
+    assert b.tapped_layers == [1, 2]
+    extra = ["--compiled"] if mode == "compiled" else []
+    env = vllm_env(VLLM_LOGGING_LEVEL="WARNING", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    result = run_vllm(
+        model, prompts(tmp_path), "--tap", str(bundle), "--sidecar", addr, *extra, env=env
+    )
+    assert check_parity(result, rec.batches, model, bundle) > 300
+    assert all(x.bundle_id == b.bundle_id for x in rec.batches)
+    proj = np.concatenate([np.frombuffer(x.projections, "<f4").reshape(-1, 4) for x in rec.batches])
+    assert (proj[:, 2] == 0).any() and (proj[:, 2] > 0.02).any()  # layer 2's JumpReLU column
+    assert np.all(proj[:, [0, 3]] != 0)  # layer 1 wrote its columns too
 
 
 def test_a_bad_bundle_stops_vllm_from_starting(smollm2_dir: Path, tmp_path: Path) -> None:

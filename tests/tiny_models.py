@@ -126,3 +126,45 @@ def tiny_bundle(
     rng = np.random.default_rng(1)
     bundle_io.save(b.with_feature(sae, rng.normal(size=hidden), bias=-0.05, jump=0.02), path)
     return path
+
+
+def multi_layer_bundle(path: Path, ref: ModelRef, layers: tuple[int, int]) -> bundle_io.Bundle:
+    """A bundle reading two layers, with a JumpReLU latent and a head: columns ``f0`` (bundle
+    layer ``layers[0]``), ``f1`` and ``sae_latent`` (``layers[1]``), and ``combined``
+    (``layers[0]``), scored by a head over its own, ``f1``'s and the latent's pooled scores."""
+    from detectors.bundle import Calibration, Head
+
+    rng = np.random.default_rng(7)
+    cal = Calibration(
+        baseline_mean=0.0, baseline_std=1.0, threshold=0.5, fpr=0.01, n_benign=100, source="t"
+    )
+    b = bundle_io.empty(ref, layer=layers[0])
+    d = ref.hidden_size
+    b = b.with_feature(
+        FeatureSpec(name="f0", method="probe", source="synthetic", calibration=cal),
+        rng.normal(size=d),
+        bias=0.1,
+    )
+    b = b.with_feature(
+        FeatureSpec(name="f1", method="probe", source="synthetic", layer=layers[1]),
+        rng.normal(size=d),
+        bias=-0.2,
+    )
+    b = b.with_feature(
+        FeatureSpec(
+            name="sae_latent", method="sae", kind="jumprelu", source="synthetic", layer=layers[1]
+        ),
+        rng.normal(size=d),
+        bias=-0.05,
+        jump=0.02,
+    )
+    head = Head(inputs=("combined", "f1", "sae_latent"), weights=(0.7, -1.2, 0.5), bias=0.1)
+    b = b.with_feature(
+        FeatureSpec(
+            name="combined", method="probe", source="synthetic", head=head, calibration=cal
+        ),
+        rng.normal(size=d),
+        bias=0.3,
+    )
+    bundle_io.save(b, path)
+    return b
