@@ -4,7 +4,8 @@ Samples wait in a bounded in-memory buffer; a writer task takes up to ``batch_si
 and sends them in one pipeline (one call of the Lua script per sample, no transaction, so a
 cluster client works too), with exponential backoff while Redis is unreachable.
 
-Every sample ends either in the stream exactly once or counted in ``queue_dropped`` exactly once:
+Every sample ends either in the stream exactly once or counted in ``queue_dropped`` (stage
+buffer) exactly once:
 
 - Writes are idempotent on request id: the script sets a dedup key and appends to the stream in
   one step, so a sample sent twice is appended once.
@@ -174,7 +175,7 @@ class FlagQueue:
         self._wake.set()
 
     def _drop(self, fields: dict[str, str]) -> None:
-        self.metrics.queue_dropped.inc()
+        self.metrics.queue_dropped_buffer.inc()
         log.debug(
             "flag buffer full: dropped the sample of request %s",
             fields["request_id"],

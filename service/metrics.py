@@ -295,11 +295,17 @@ class Metrics:
             "Flagged samples the memory buffer holds before it drops the oldest",
             registry=r,
         )
-        self.queue_dropped = Counter(
+        queue_dropped = Counter(
             "misalign_queue_dropped_total",
-            "Flagged samples dropped because the buffer was full",
+            "Flagged samples dropped: stage=build, more than buffer_size waited to be built "
+            "(redaction, text) on the sample thread; stage=buffer, the buffer was full",
+            ["stage"],
             registry=r,
         )
+        # Two places drop, for different reasons (a starved sample thread, an absent Redis):
+        # an operator needs to tell them apart.
+        self.queue_dropped_build = queue_dropped.labels("build")
+        self.queue_dropped_buffer = queue_dropped.labels("buffer")
         self._refused_reason = self.labels_refused.labels("reason")
         self._refused_mode = self.labels_refused.labels("mode")
         self.samples_clipped = Counter(

@@ -8,7 +8,7 @@ built-in patterns make each regular-expression call short (linear, over a bounde
 thread gives the loop the GIL back between them.
 
 At most ``backlog`` samples wait to be built; past that the oldest waiting is dropped and
-counted in ``misalign_queue_dropped_total``, as the flag queue drops its oldest when full.
+counted in ``misalign_queue_dropped_total{stage="build"}``, as the flag queue drops its oldest when full.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class SampleWorker:
             self._todo.append((build, request_id))
             self._cv.notify()
         if dropped:
-            self.metrics.queue_dropped.inc()
+            self.metrics.queue_dropped_build.inc()
         else:
             self._pending += 1
         self._idle.clear()

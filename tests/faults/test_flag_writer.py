@@ -77,7 +77,8 @@ async def until(cond: Callable[[], bool], timeout: float, what: str) -> float:
 
 
 def value(q: FlagQueue, name: str) -> float:
-    return q.metrics.registry.get_sample_value(name) or 0.0
+    """A metric's value summed over its labels."""
+    return sum(s.value for m in q.metrics.registry.collect() for s in m.samples if s.name == name)
 
 
 class PausedWhileSending(aioredis.Redis):

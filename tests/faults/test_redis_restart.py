@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.steady_load import EngineLoad, scrape
@@ -70,7 +71,11 @@ def test_redis_killed_and_restarted_under_load(
     assert len(missing) == dropped > 0, (len(missing), dropped)
     # What was lost is the oldest of the outage's samples, none from before or after it.
     assert flagged_before - 5 <= min(missing) and max(missing) < flagged_before + flagged_outage
-    assert max(missing) - min(missing) + 1 == len(missing), "dropped samples are not contiguous"
+    # The buffer drops a contiguous run; a sample thread starved of CPU (a loaded machine) may
+    # also drop from its own backlog, anywhere, counted apart (stage build).
+    in_buffer = m['misalign_queue_dropped_total{stage="buffer"}']
+    runs = np.split(np.array(missing), np.flatnonzero(np.diff(missing) != 1) + 1)
+    assert max(len(r) for r in runs) >= in_buffer > 0, "the buffer's drops are not contiguous"
     report(
         "redis SIGKILL + restart",
         load=f"{STEPS_PER_S:g} steps/s x 32 requests, {len(load.finished)} finished, "
@@ -80,6 +85,7 @@ def test_redis_killed_and_restarted_under_load(
         buffer_size=BUFFER,
         lost=len(missing),
         dropped_metric=dropped,
+        dropped_building=m['misalign_queue_dropped_total{stage="build"}'],
         duplicates_in_stream=len(ids) - len(set(ids)),
         dedup_skips=m.get("misalign_queue_duplicates_total", 0.0),
         recovery_s=round(recovery_s, 2),
