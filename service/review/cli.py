@@ -279,6 +279,9 @@ def export(
         items = [formats.argilla_record(r, texts.get(r.sample_id), user) for r in rows]
     if json_array:
         text = json.dumps(items, ensure_ascii=False, indent=1) + "\n"
+    elif fmt == "native":
+        # the format `labels import` and `recalibrate` read, unchanged: pydantic's compact JSON
+        text = "".join(r.model_dump_json() + "\n" for r in rows)
     else:
         text = "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items)
     if out is None:
