@@ -11,7 +11,11 @@ COPY detectors detectors
 COPY service service
 COPY tap tap
 COPY wire wire
-RUN pip install --no-cache-dir . && rm -rf /src
+# Every package pinned with its wheels' sha256 (scripts/lock_images.py), the build backend too;
+# the project itself last, with --no-deps and no build isolation, so nothing unpinned comes in.
+COPY deploy/docker/requirements/sidecar.txt requirements.txt
+RUN pip install --no-cache-dir --require-hashes -r requirements.txt \
+    && pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf /src
 USER 1000
 EXPOSE 50051 9464
 CMD ["misalign-monitor", "serve"]
