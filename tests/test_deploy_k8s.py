@@ -530,6 +530,7 @@ def test_overlay_wiring(overlay: str, tmp_path: Path) -> None:
         "misalign-grpc": loaded.grpc_port,
         "misalign-metric": loaded.metrics_port,
         "misalign-health": loaded.health_port,
+        "misalign-http": loaded.http_port,
     }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert sidecar[probe]["grpc"] == {"port": loaded.health_port, "service": SERVICE_NAME}
@@ -566,6 +567,7 @@ def test_overlay_wiring(overlay: str, tmp_path: Path) -> None:
     scraped = {e["port"]: e for e in monitor["spec"]["endpoints"]}
     assert set(scraped) == {"metrics", "vllm-metrics"} and set(scraped) <= set(targets)
     assert targets["metrics"] == "misalign-metric" and targets["grpc"] == "misalign-grpc"
+    assert targets["http"] == "misalign-http"
     # vLLM's own /metrics, from the same pods, scraped as job vllm (not the sidecars' job).
     vllm_ports = {p["containerPort"] for p in vllm["ports"]}
     assert targets["vllm-metrics"] in vllm_ports
@@ -695,7 +697,8 @@ def test_review_page_wiring(tmp_path: Path) -> None:
 @pytest.mark.parametrize("overlay", [*OVERLAYS, EXAMPLE])
 def test_network_policy_admits_only_what_must_reach_the_pod(overlay: str) -> None:
     """The Component's policy selects the injected pods (and not the review page's); the
-    sidecar's ports are reached only by Prometheus (metrics) and labelled score clients (gRPC);
+    sidecar's ports are reached only by Prometheus (metrics) and labelled score clients (gRPC
+    and the JSON API);
     the health port needs no rule (the kubelet's probes come from the node, which Kubernetes
     always admits) and gets none; vLLM's API port stays open."""
     docs = rendered(overlay)
@@ -717,15 +720,18 @@ def test_network_policy_admits_only_what_must_reach_the_pod(overlay: str) -> Non
             admitted.setdefault(port["port"], []).extend(rule.get("from", [{"anyone": True}]))
     # vLLM's API by number: the Component cannot know what the user's container calls it.
     (api,) = {p["containerPort"] for p in _container(pod, "vllm")["ports"]}
-    assert set(admitted) == {api, "misalign-metric", "misalign-grpc"}  # not health
+    assert set(admitted) == {api, "misalign-metric", "misalign-grpc", "misalign-http"}  # not health
     assert "misalign-health" in named and named["misalign-health"] not in admitted
     assert admitted[api] == [{"anyone": True}]
     assert admitted["misalign-metric"] == [
         {"namespaceSelector": {}, "podSelector": {"matchLabels": {LABEL_NAME: "prometheus"}}}
     ]
-    assert admitted["misalign-grpc"] == [
-        {"podSelector": {"matchLabels": {"misalign.dev/score-client": "true"}}}
-    ]
+    # the JSON API is reached by the same score clients as gRPC, and by no one else
+    assert (
+        admitted["misalign-grpc"]
+        == admitted["misalign-http"]
+        == [{"podSelector": {"matchLabels": {"misalign.dev/score-client": "true"}}}]
+    )
     # The tap needs no rule: it reaches the sidecar over the socket inside the pod.
     vllm = _container(pod, "vllm")
     assert next(e for e in vllm["env"] if e["name"] == "MISALIGN_TAP_SIDECAR")["value"].startswith(
