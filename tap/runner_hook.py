@@ -133,7 +133,8 @@ def _install_v1() -> None:
         if cfg is not None and cfg.mitigation is not None and cfg.layer is not None:
             try:
                 cfg.mitigation.forget(set(scheduler_output.finished_req_ids))
-                write_controls(self, scheduler_output, cfg)
+                if not cfg.paused:
+                    write_controls(self, scheduler_output, cfg)
             except Exception:
                 cfg.layer.tap_ctl.zero_()  # unmitigated rather than mitigated wrongly
                 log.exception("misalign tap: could not set this step's mitigation; none applied")
@@ -407,6 +408,9 @@ def _capture_step(runner: Any, n: int, layout: Callable[[], StepLayout]) -> None
     if cfg is None or cfg.layer is None or n == 0:
         return
     cfg.steps_captured += 1  # attempted: the worker's self-check sees the tap ran this step
+    if cfg.paused:
+        cfg.steps_paused += 1
+        return
     try:
         capture(runner, n, layout, cfg)
     except Exception:

@@ -25,6 +25,12 @@ class Active:
     steps_captured: int = 0
     steps_uncaptured: int = 0
     last_heartbeat: float = float("-inf")
+    # The overhead bench's A/B switch (bench/tap_ab_child.py): while set, the ops return at once
+    # and the host side skips the step, as if the tap were not there. No setting, variable or RPC
+    # reaches it; only code in the engine's own process can set it, and the steps it skips are
+    # counted (``steps_paused``), which the bench checks against the steps it ran.
+    paused: bool = False
+    steps_paused: int = 0
 
 
 _ACTIVE: Active | None = None
@@ -32,6 +38,11 @@ _ACTIVE: Active | None = None
 
 def active() -> Active | None:
     return _ACTIVE
+
+
+def paused() -> bool:
+    """The ops' check: one global read, so a paused step costs the op's dispatch and no more."""
+    return _ACTIVE is not None and _ACTIVE.paused
 
 
 def activate(settings: TapSettings, bundle: Bundle) -> Active:

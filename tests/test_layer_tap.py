@@ -169,3 +169,35 @@ def test_a_multi_layer_bundle_writes_each_layers_columns_of_one_buffer_of_module
     assert (expect[:, 2] == 0).any() or (expect[:, 2] > 0.02).all()  # JumpReLU applied
     with pytest.raises(TapConfigError, match=r"reads layers \[1, 3\]"):
         layer_tap.attach(Model(StreamLayer), b, rows=16, mitigate=True)
+
+
+@pytest.mark.parametrize("mitigate", [False, True])
+def test_the_benchs_pause_skips_the_op_and_the_host_side_and_counts_the_steps_of_modules_built_in_test(
+    tmp_path: Path, mitigate: bool
+) -> None:
+    """bench/tap_overhead.py's within-engine switch: paused, the op leaves its buffers and the
+    residual stream alone and the host side sends nothing; the step is counted as paused (and
+    attempted, so the worker's self-check does not count it as uncaptured)."""
+    projection_op.register()
+    b = bundle(tmp_path)
+    model = Model(PairLayer)
+    x = torch.randn(5, D)
+    cfg = state.activate(TapSettings(bundle=b.path, sidecar="127.0.0.1:9"), b)
+    try:
+        target = layer_tap.attach(model, b, rows=16, mitigate=mitigate)
+        cfg.layer = target
+        if mitigate:
+            target.tap_ctl[:5, 0] = 1.0  # ablate feature 0 on every row, were the op to run
+        cfg.paused = True
+        with torch.inference_mode():
+            _, residual = target(x)
+        assert float(target.tap_out.abs().max()) == 0.0
+        torch.testing.assert_close(residual, x)  # not mitigated either
+        runner_hook._capture_step(None, 5, lambda: pytest.fail("the layout was read"))
+        assert (cfg.steps_paused, cfg.steps_captured, cfg.publisher) == (1, 1, None)
+        cfg.paused = False
+        with torch.inference_mode():
+            target(x)
+        assert float(target.tap_out[:5].abs().min()) > 0.0  # on again: every row written
+    finally:
+        state._ACTIVE = None

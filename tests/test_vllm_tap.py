@@ -345,3 +345,39 @@ def test_steps_served_but_not_captured_log_an_error_and_reach_the_sidecar_metric
     finally:
         sidecar.stop()
         redis_server.stop()
+
+
+def test_the_overhead_benchs_switch_pauses_the_tap_in_a_compiled_engine(
+    smollm2_dir: Path, tmp_path: Path, recorder
+) -> None:  # type: ignore[no-untyped-def]
+    """bench/tap_ab_child.py in a real compiled engine: the sidecar gets every row of the steps
+    the tap was on and none of the steps it was paused; the child checks that the op in the
+    compiled graph left its buffer alone while paused."""
+    from tests.faults.harness import wait_until
+
+    rec, addr = recorder
+    arch = "LlamaForCausalLM"
+    model = tiny_model(tmp_path / "model", arch, smollm2_dir, SMALL_HIDDEN, SMALL_LAYERS)
+    bundle = tiny_bundle(tmp_path / "tiny.safetensors", arch, 1, SMALL_HIDDEN, SMALL_LAYERS)
+    batch, max_tokens = 4, 40
+    cmd = [sys.executable, str(ROOT / "bench" / "tap_ab_child.py"), "--model", str(model)]
+    cmd += ["--bundle", str(bundle), "--sidecar", addr, "--compiled", "--rounds", "1"]
+    cmd += ["--batch", str(batch), "--max-tokens", str(max_tokens), "--block-steps", "2", "--hold"]
+    env = vllm_env(VLLM_LOGGING_LEVEL="WARNING")
+    with subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    ) as child:
+        assert child.stdout is not None and child.stdin is not None
+        line = next((x for x in child.stdout if x.startswith("RESULT ")), None)
+        assert line is not None, f"the child exited {child.wait(60)} without a result"
+        result = json.loads(line.removeprefix("RESULT "))
+        # Every step is one row per request after the prefill; a paused step is a full batch.
+        want = result["prompt_rows"] + batch * (max_tokens - 1) - batch * result["steps_paused"]
+        got = lambda: sum(len(b.is_response) for b in rec.batches)  # noqa: E731
+        try:
+            wait_until(lambda: got() >= want, 60, f"{want} rows at the sidecar")
+        finally:
+            child.stdin.close()
+        assert child.wait(120) == 0
+    assert result["steps_paused"] == 14 and len(result["pairs"]) == 7
+    assert got() == want
