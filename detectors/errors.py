@@ -16,8 +16,17 @@ The one tree for the whole project (detectors, tap, wire, sidecar, review):
      │                        so it is defined beside the flag writer (service/flags.py)
      ├── ReviewSettingsError  the review app's settings (service/review/settings.py)
      ├── RecalibrationError   thresholds from review labels (service/review/recalibrate.py)
-     └── ReviewError          a review action that cannot be done, or Redis out of reach
-          └── SampleState     the sample is not where the action needs it
+     ├── ReviewError          a review action that cannot be done, or Redis out of reach
+     │    └── SampleState     the sample is not where the action needs it
+     ├── QueryError           a review query parameter (service/review/query.py): which one
+     └── MonitorClientError   what the sidecar answered a client (service/client.py, beside the
+          │                   client, which maps gRPC and HTTP statuses onto these)
+          └── ScoreNotFound, Unauthenticated, InvalidArgument, Busy, Unavailable
+
+Internal signals that never reach a user are not in the tree: ``service.http_api.ApiError`` (an
+HTTP status on its way to the response), ``service.score_waiters.WaitersFull`` and
+``ShuttingDown`` (gRPC statuses on their way out), ``wire.trace_context.BadTraceParent`` (counted
+by reason, never raised to a caller).
 
 The CLI prints these as one line and exits non-zero; anything else is a bug and keeps its traceback.
 """
