@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -79,13 +78,6 @@ class OtlpTraceReceiver(ts_grpc.TraceServiceServicer):
     def named(self, name: str) -> list[ReceivedSpan]:
         with self.lock:
             return [s for s in self.spans if s.name == name]
-
-    def wait_for(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.05)
 
 
 @contextmanager

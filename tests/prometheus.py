@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ import yaml
 
 from service.processes import stop_process
 from service.vllm_server import free_port
+from tests.polling import poll
 
 PROMETHEUS = "/usr/bin/prometheus"
 JOB = "misalign-sidecar"  # the job name the alert rules and dashboard select on
@@ -228,19 +229,6 @@ class PrometheusServer:
     def targets(self) -> list[dict[str, Any]]:
         return list(self.api("targets")["activeTargets"])
 
-    def wait_for(
-        self, what: str, probe: Callable[[], T | None], timeout_s: float = 30.0, every: float = 0.5
-    ) -> T:
-        """Poll ``probe`` until it returns something truthy; raise naming ``what`` otherwise."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            got = probe()
-            if got:
-                return got
-            if time.monotonic() > deadline:
-                raise PrometheusError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-            time.sleep(every)
-
     def wait_for_target_up(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Wait until every target has been scraped successfully; returns the targets."""
 
@@ -248,4 +236,4 @@ class PrometheusServer:
             targets = self.targets()
             return targets if targets and all(t["health"] == "up" for t in targets) else None
 
-        return self.wait_for("every target to be scraped", all_up, timeout_s)
+        return poll(all_up, timeout_s, "every target to be scraped", every=0.5)

@@ -26,6 +26,7 @@ from service.client import (
     Unavailable,
 )
 from service.server import Sidecar
+from tests.polling import until
 from tests.sidecar import RedisServer, stream_requests
 from tests.test_sidecar import (
     BUNDLE,
@@ -36,7 +37,6 @@ from tests.test_sidecar import (
     send,
     stub,
     synthetic_requests,
-    wait_for,
 )
 from tests.test_sidecar_tls import make_pki, tls_sidecar
 
@@ -99,7 +99,7 @@ async def test_get_score_waits_on_the_server_and_returns_when_the_score_lands(
     ]
     assert sidecar.waiters is not None
     # All three parked: one call each, answered by nothing so far.
-    await wait_for(lambda: len(sidecar.waiters) == 3)  # type: ignore[arg-type]
+    await until(lambda: len(sidecar.waiters) == 3, 10, "len(sidecar.waiters) == 3")  # type: ignore[arg-type]
     assert not any(t.done() for t in asks)
     ch, s = stub(sidecar)
     await send(s, batches_of([req], client_prefix="chatcmpl-"))
@@ -158,7 +158,7 @@ async def test_waiters_are_bounded_and_a_wait_beyond_the_maximum_is_refused(
         (req,) = synthetic_requests(1, seed=4)
         mc, hc = grpc_client(sc), http_client(sc)
         parked = [asyncio.create_task(asyncio.to_thread(mc.get_score, req[0], 5.0)) for _ in "ab"]
-        await wait_for(lambda: len(sc.waiters) == 2)  # type: ignore[arg-type]
+        await until(lambda: len(sc.waiters) == 2, 10, "len(sc.waiters) == 2")  # type: ignore[arg-type]
         with pytest.raises(Busy, match="RESOURCE_EXHAUSTED: 2 callers wait"):
             await call(mc.get_score, "other", wait=1)
         with pytest.raises(Busy, match="HTTP 429"):
@@ -203,7 +203,7 @@ async def test_a_waiter_is_answered_unavailable_when_the_sidecar_stops(
         asyncio.create_task(asyncio.to_thread(mc.get_score, "pending", 30.0)),
         asyncio.create_task(asyncio.to_thread(hc.get_score, "pending", 30.0)),
     ]
-    await wait_for(lambda: len(sc.waiters) == 2)  # type: ignore[arg-type]
+    await until(lambda: len(sc.waiters) == 2, 10, "len(sc.waiters) == 2")  # type: ignore[arg-type]
     t0 = time.monotonic()
     await sc.stop()
     results = await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), 10)

@@ -26,6 +26,7 @@ from detectors.gate import Thresholds, hedges_g, run_gate
 from detectors.stats import psi
 from service.sidecar_process import start_sidecar
 from service.vllm_server import free_port
+from tests.polling import poll
 from tests.prometheus import PrometheusServer
 from tests.sidecar import request_rows, stream_requests
 from wire import monitor_pb2_grpc as pb_grpc
@@ -176,9 +177,11 @@ def test_prometheus_source_compares_two_live_versions(tmp_path: Path) -> None:
         send_version(sidecar.address, "v2", mean + std * rng.normal(size=(300, 3)), 0)
         send_version(sidecar.address, "v3", mean + std * (rng.normal(size=(300, 3)) + 1), 0)
         with PrometheusServer(tmp_path / "prom", [f"127.0.0.1:{sidecar.metrics_port}"]) as prom:
-            prom.wait_for(
-                "v3 scores scraped",
+            poll(
                 lambda: prom.query('misalign_request_score_count{model_version="v3"}'),
+                30,
+                "v3 scores scraped",
+                every=0.5,
             )
             url = prom.url
             same = gate(

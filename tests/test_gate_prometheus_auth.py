@@ -27,6 +27,7 @@ from detectors import bundle as bundle_io
 from detectors.errors import MisalignError
 from detectors.gate import PrometheusAccess, _prometheus_query
 from service.metrics import Metrics
+from tests.polling import poll
 from tests.prometheus import PrometheusServer
 from tests.test_gate import error_line, gate
 from tests.test_sidecar_tls import make_pki
@@ -98,9 +99,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
         ca_file=pki["ca.pem"],
     )
     with prom:
-        prom.wait_for(
-            "v3 scores scraped",
+        poll(
             lambda: prom.query('misalign_request_score_count{model_version="v3"}'),
+            30,
+            "v3 scores scraped",
+            every=0.5,
         )
         yield Secured(prom, pki["ca.pem"])
     target.shutdown()

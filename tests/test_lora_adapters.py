@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
+from tests.polling import until
 from tests.sidecar import RedisServer, request_rows
 from tests.test_sidecar import (
     BUNDLE,
@@ -21,7 +22,6 @@ from tests.test_sidecar import (
     sample,
     send,
     stub,
-    wait_for,
 )
 from wire import monitor_pb2 as pb
 from wire.codec import encode_step
@@ -64,8 +64,10 @@ async def test_scores_counts_and_drift_are_per_listed_adapter_and_the_rest_is_ot
         steps += _steps("rogue-0", "my-own-adapter", False, 20)
         steps += _steps("rogue-1", "x" * 10_000, True, 21)
         await send(s, steps)
-        await wait_for(
-            lambda: sample(metrics_text(sc), "misalign_requests_scored_total", True) == 8
+        await until(
+            lambda: sample(metrics_text(sc), "misalign_requests_scored_total", True) == 8,
+            10,
+            "sample(metrics_text(sc), 'misalign_requests_scored_total', True) == 8",
         )
         text = metrics_text(sc)
         scored = "misalign_requests_scored_total"
@@ -94,7 +96,9 @@ async def test_scores_counts_and_drift_are_per_listed_adapter_and_the_rest_is_ot
         # The flagged samples name the adapter as the tap sent it (the label is bounded, the
         # sample is the record of what happened).
         r = redis_server.client()
-        await wait_for(lambda: r.xlen("misalign:{flagged}") == 2)
+        await until(
+            lambda: r.xlen("misalign:{flagged}") == 2, 10, "r.xlen('misalign:{flagged}') == 2"
+        )
         got = {e[1]["request_id"]: e[1]["adapter"] for e in r.xrange("misalign:{flagged}")}
         assert got == {"lora-0": "support-v2", "rogue-1": "x" * 10_000}
         await ch.close()

@@ -16,7 +16,7 @@ from detectors.errors import SettingsError
 from service.redaction import BUILTIN, Redactor
 from service.settings import load_settings
 from service.sidecar_process import start_sidecar
-from tests.faults.harness import wait_until
+from tests.polling import wait_until
 from tests.sidecar import RedisServer
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc

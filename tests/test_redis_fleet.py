@@ -18,8 +18,9 @@ from service.redis_keys import DEAD_LETTER_STREAM, FLAGGED_STREAM, LABELS_STREAM
 from service.review.store import ReviewStore
 from service.sidecar_process import SidecarProcess, start_sidecar
 from tests.conftest import ROOT
-from tests.faults.harness import Feeder, report, wait_until
+from tests.faults.harness import Feeder, report
 from tests.faults.redis_fleet import SERVICE, LocalCluster, LocalSentinel, tcp
+from tests.polling import wait_until
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 GROUP = "reviewers"

@@ -11,8 +11,9 @@ from bench.steady_load import EngineLoad, scrape
 from detectors import bundle as bundle_io
 from service.sidecar_process import SidecarProcess, start_sidecar
 from service.vllm_server import free_port
-from tests.faults.harness import Feeder, wait_until
+from tests.faults.harness import Feeder
 from tests.faults.redis_proc import RedisProc
+from tests.polling import wait_until
 from tests.sidecar import config_check
 from tests.test_sidecar_tls import make_pki
 

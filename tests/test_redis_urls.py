@@ -20,8 +20,8 @@ from service.settings import load_settings
 from service.sidecar_process import start_sidecar
 from service.vllm_server import free_port
 from tests.conftest import ROOT
-from tests.faults.harness import wait_until
 from tests.faults.redis_proc import RedisProc
+from tests.polling import wait_until
 from tests.sidecar import config_check
 
 SECRET = "Qz7-url-secret-41"

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,7 @@ import pytest
 
 from detectors import bundle as bundle_io
 from service.sidecar_process import start_sidecar
+from tests.polling import poll
 from tests.review_data import chat, conversation
 from tests.sidecar import RedisServer, stream_requests
 from wire import monitor_pb2_grpc as pb_grpc
@@ -59,15 +59,6 @@ def metric(url: str, name: str) -> float | None:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return None
-
-
-def wait_for(fn, timeout_s: float = 15.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -117,9 +108,11 @@ def run_review(tmp_path: Path, smollm2_dir: Path, redis: RedisServer) -> None:
         try:
             with grpc.insecure_channel(sidecar.address) as ch:
                 assert pb_grpc.MonitorStub(ch).Ingest(iter(batches), timeout=30).finished == 3
-            assert wait_for(lambda: metric(sidecar.metrics_url, "misalign_review_backlog") == 3), (
-                tmp_path / "sidecar.log"
-            ).read_text()
+            assert poll(
+                lambda: metric(sidecar.metrics_url, "misalign_review_backlog") == 3,
+                15,
+                "metric(sidecar.metrics_url, 'misalign_review_backlog') == 3",
+            ), (tmp_path / "sidecar.log").read_text()
             review = subprocess.Popen(
                 [
                     sys.executable,
@@ -134,7 +127,11 @@ def run_review(tmp_path: Path, smollm2_dir: Path, redis: RedisServer) -> None:
                 ],
                 env={**os.environ, "MISALIGN_STATE_DIR": str(tmp_path / "state")},
             )
-            assert wait_for(lambda: ready.exists() and ready.read_text().strip(), 30)
+            assert poll(
+                lambda: ready.exists() and ready.read_text().strip(),
+                30,
+                "ready.exists() and ready.read_text().strip()",
+            )
             url = f"http://127.0.0.1:{int(ready.read_text())}"
             with sync_playwright() as pw:
                 browser = pw.chromium.launch_persistent_context(
@@ -201,5 +198,9 @@ def run_review(tmp_path: Path, smollm2_dir: Path, redis: RedisServer) -> None:
         assert labels[0][1]["note"] == "made-up, misleading"
         assert r.xpending("misalign:{flagged}", "reviewers")["pending"] == 0
         assert r.xinfo_groups("misalign:{flagged}")[0]["lag"] == 0
-        assert wait_for(lambda: metric(sidecar.metrics_url, "misalign_review_backlog") == 0)
+        assert poll(
+            lambda: metric(sidecar.metrics_url, "misalign_review_backlog") == 0,
+            15,
+            "metric(sidecar.metrics_url, 'misalign_review_backlog') == 0",
+        )
         assert metric(sidecar.metrics_url, "misalign_review_dead_letter") == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import urllib.request
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from detectors.bundle import Aggregation
 from detectors.scoring import score_request, token_scores
 from service.server import Sidecar, start
 from service.settings import Settings
+from tests.polling import until
 from tests.sidecar import RedisServer, request_rows, stream_requests
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
@@ -96,14 +96,6 @@ async def send(stub_: pb_grpc.MonitorStub, batches) -> pb.IngestSummary:  # type
             yield b
 
     return await stub_.Ingest(gen())
-
-
-async def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_streamed_scores_equal_offline_scoring(sidecar: Sidecar) -> None:
@@ -191,7 +183,7 @@ async def test_metrics_and_flagged_samples_in_the_stream(
     ch, s = stub(sidecar)
     await send(s, stream_requests(BUNDLE.bundle_id, K, reqs))
     r = redis_server.client()
-    await wait_for(lambda: r.xlen("misalign:{flagged}") >= 4)
+    await until(lambda: r.xlen("misalign:{flagged}") >= 4, 10, "r.xlen('misalign:{flagged}') >= 4")
     entries = r.xrange("misalign:{flagged}")
     flagged_ids = {e[1]["request_id"] for e in entries}
     assert {f"req-1-{i}" for i in (0, 2, 4, 6)} <= flagged_ids
@@ -216,8 +208,10 @@ async def test_metrics_and_flagged_samples_in_the_stream(
     try:
         ch2, s2 = stub(other)
         await send(s2, stream_requests(BUNDLE.bundle_id, K, reqs[:1]))
-        await wait_for(
-            lambda: sample(metrics_text(other), "misalign_queue_duplicates_total", True) == 1
+        await until(
+            lambda: sample(metrics_text(other), "misalign_queue_duplicates_total", True) == 1,
+            10,
+            "sample(metrics_text(other), 'misalign_queue_duplicates_total', True) == 1",
         )
         await ch2.close()
     finally:
@@ -250,7 +244,11 @@ async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path
         await send(
             s, stream_requests(BUNDLE.bundle_id, K, synthetic_requests(2, seed=5, flag_every=1))
         )
-        await wait_for(lambda: redis_server.client().xlen("misalign:{flagged}") == 2)
+        await until(
+            lambda: redis_server.client().xlen("misalign:{flagged}") == 2,
+            10,
+            "redis_server.client().xlen('misalign:{flagged}') == 2",
+        )
         redis_server.stop()
         batches = list(
             stream_requests(BUNDLE.bundle_id, K, synthetic_requests(8, seed=6, flag_every=1))
@@ -261,7 +259,11 @@ async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path
         assert sample(text, "misalign_queue_dropped_total") == 3  # 8 flagged, room for 5
         assert sample(text, "misalign_queue_buffered") == 5
         redis_server.start()  # empty: it keeps nothing on disk
-        await wait_for(lambda: sample(metrics_text(sc), "misalign_queue_buffered") == 0, timeout=20)
+        await until(
+            lambda: sample(metrics_text(sc), "misalign_queue_buffered") == 0,
+            20,
+            "sample(metrics_text(sc), 'misalign_queue_buffered') == 0",
+        )
         r = redis_server.client()
         ids = [e[1]["request_id"] for e in r.xrange("misalign:{flagged}")]
         assert ids == finish_order[3:]  # the newest five, once each, in order
@@ -414,9 +416,10 @@ async def test_unfinished_requests_expire_and_are_counted(
         ch, s = stub(sc)
         rows = [request_rows(f"stuck-{i}", np.zeros((5, K)), 2) for i in range(3)]
         await send(s, [encode_step(BUNDLE.bundle_id, K, rows)])
-        await wait_for(
+        await until(
             lambda: sample(metrics_text(sc), "misalign_requests_expired_total", True) == 3,
-            timeout=5,
+            5,
+            "sample(metrics_text(sc), 'misalign_requests_expired_total', True) == 3",
         )
         assert sample(metrics_text(sc), "misalign_active_requests") == 0
         await ch.close()
@@ -523,7 +526,7 @@ async def test_activations_and_mitigation_from_the_tap(
         reqs[1][1]
     )
     r = redis_server.client()
-    await wait_for(lambda: r.xlen("misalign:{flagged}") >= 2)
+    await until(lambda: r.xlen("misalign:{flagged}") >= 2, 10, "r.xlen('misalign:{flagged}') >= 2")
     marks = {e[1]["request_id"]: e[1]["mitigation"] for e in r.xrange("misalign:{flagged}")}
     assert marks == {"req-5-0": "ablate:misaligned_persona@always", "req-5-2": ""}
     await ch.close()
@@ -554,12 +557,16 @@ async def test_trimming_the_stream_dead_letters_every_sample_not_yet_decided(
     try:
         for i in range(3):
             q.put({"n": str(i)}, f"r{i}")
-        await wait_for(lambda: r.xlen("flags") == 3)
+        await until(lambda: r.xlen("flags") == 3, 10, "r.xlen('flags') == 3")
         read = r.xreadgroup("reviewers", "alice", {"flags": ">"}, count=2)[0][1]
         r.xack("flags", "reviewers", read[0][0])  # r0 decided; r1 held by alice, undecided
         for i in range(3, 6):
             q.put({"n": str(i)}, f"r{i}")
-        await wait_for(lambda: q.metrics.queue_pushes._value.get() == 6)
+        await until(
+            lambda: q.metrics.queue_pushes._value.get() == 6,
+            10,
+            "q.metrics.queue_pushes._value.get() == 6",
+        )
         assert [e[1]["request_id"] for e in r.xrange("flags")] == ["r3", "r4", "r5"]
         dead = r.xrange("flags:dead")
         assert [e[1]["request_id"] for e in dead] == ["r1", "r2"]  # held, then never read

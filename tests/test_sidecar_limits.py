@@ -29,6 +29,7 @@ from service.metrics import MODEL_LABEL
 from service.redaction import BUILTIN, Email, Redactor
 from service.redis_keys import FLAGGED_STREAM
 from service.sidecar_process import start_sidecar
+from tests.polling import until
 from tests.sidecar import RedisServer, request_rows
 from tests.test_sidecar import (
     BUNDLE,
@@ -39,7 +40,6 @@ from tests.test_sidecar import (
     sample,
     send,
     stub,
-    wait_for,
 )
 from wire import monitor_pb2 as pb
 from wire.codec import MAX_PROJECTION, Rows, encode_step
@@ -136,13 +136,17 @@ async def test_an_80kb_hostile_prompt_is_redacted_while_health_stays_answered(
             BUNDLE.bundle_id, K, [("hostile", np.arange(len(ids)), ids, roles, proj)]
         )
         probe.start()
-        await wait_for(lambda: len(probe.latencies) >= 3)
+        await until(lambda: len(probe.latencies) >= 3, 10, "len(probe.latencies) >= 3")
         ch, s = stub(sc)
         await send(s, [step, encode_step(BUNDLE.bundle_id, K, [], finished=[fin])])
         r = redis_server.client()
-        await wait_for(lambda: r.xlen(FLAGGED_STREAM) == 1, timeout=60)
+        await until(lambda: r.xlen(FLAGGED_STREAM) == 1, 60, "r.xlen(FLAGGED_STREAM) == 1")
         answered_while = len(probe.latencies)
-        await wait_for(lambda: len(probe.latencies) >= answered_while + 3)
+        await until(
+            lambda: len(probe.latencies) >= answered_while + 3,
+            10,
+            "len(probe.latencies) >= answered_while + 3",
+        )
         probe.halt.set()
         await asyncio.to_thread(probe.join, 5)
         # health answered throughout, each check well within its deadline
@@ -240,8 +244,10 @@ async def test_a_thousand_model_versions_stay_within_the_series_bound(
                 encode_step(BUNDLE.bundle_id, K, [], finished=[long]),
             ],
         )
-        await wait_for(
-            lambda: sample(metrics_text(sc), "misalign_requests_scored_total", True) == 1_001
+        await until(
+            lambda: sample(metrics_text(sc), "misalign_requests_scored_total", True) == 1_001,
+            10,
+            "sample(metrics_text(sc), 'misalign_requests_scored_total', True) == 1001",
         )
         text = metrics_text(sc)
         got = series(text)
@@ -296,8 +302,10 @@ async def test_drop_reasons_and_mitigation_modes_are_from_the_enum_and_counts_ar
         fin = pb.FinishedRequest(request_id="mit", model="m", model_version="v1")
         steps += [msg, encode_step(BUNDLE.bundle_id, K, [], finished=[fin])]
         await send(s, steps)
-        await wait_for(
-            lambda: sample(metrics_text(sc), "misalign_requests_scored_total", True) == 1
+        await until(
+            lambda: sample(metrics_text(sc), "misalign_requests_scored_total", True) == 1,
+            10,
+            "sample(metrics_text(sc), 'misalign_requests_scored_total', True) == 1",
         )
         text = metrics_text(sc)
         reasons = {

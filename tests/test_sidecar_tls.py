@@ -3,9 +3,8 @@ listener (service/auth.py), the real tap Publisher over mTLS, the plaintext heal
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from service.server import SERVICE_NAME, Sidecar, start
 from service.settings import Settings
 from tap.publisher import Publisher
 from tap.settings import TapSettings
+from tests.polling import until
 from tests.sidecar import RedisServer
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
@@ -148,14 +148,6 @@ def publish(publisher: Publisher, rid: str) -> None:
     publisher.finish(rid, "stop")
 
 
-async def until(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 def refused(sc: Sidecar, rpc: str) -> float:
     value = sc.metrics.registry.get_sample_value(
         "misalign_ingest_errors_total", {"rpc": rpc, "reason": "unauthenticated"}
@@ -203,13 +195,13 @@ async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_so
 
     try:
         publish(tap(f"localhost:{sc.tcp_port}", pki), "over-mtls")
-        await until(lambda: r.xlen(FLAGGED_STREAM) == 1, "the mTLS tap's flagged sample")
+        await until(lambda: r.xlen(FLAGGED_STREAM) == 1, 20, "the mTLS tap's flagged sample")
         publish(tap(f"unix:{sc.settings.unix_socket}", None), "over-socket")
-        await until(lambda: r.xlen(FLAGGED_STREAM) == 2, "the socket tap's flagged sample")
+        await until(lambda: r.xlen(FLAGGED_STREAM) == 2, 20, "the socket tap's flagged sample")
         # By address, the certificate's name given (it names localhost, not 127.0.0.1).
         via_ip = f"127.0.0.1:{sc.tcp_port}"
         publish(tap(via_ip, pki, tls_server_name="localhost"), "by-address")
-        await until(lambda: r.xlen(FLAGGED_STREAM) == 3, "the by-address tap's sample")
+        await until(lambda: r.xlen(FLAGGED_STREAM) == 3, 20, "the by-address tap's sample")
         assert {e[1]["request_id"] for e in r.xrange(FLAGGED_STREAM)} == {
             "over-mtls",
             "over-socket",
@@ -219,7 +211,7 @@ async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_so
         stranger = tap(f"localhost:{sc.tcp_port}", other)  # verifies the server, is not trusted
         publish(stranger, "forged")
         await until(
-            lambda: stranger.steps_dropped["sidecar_unavailable"] == 2, "the stranger's drops"
+            lambda: stranger.steps_dropped["sidecar_unavailable"] == 2, 20, "the stranger's drops"
         )
         assert not stranger.connected and sc.monitor.lookup("forged") is None
         assert r.xlen(FLAGGED_STREAM) == 3

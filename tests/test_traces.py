@@ -18,8 +18,8 @@ from service.review.store import parse_sample, parse_summary
 from service.settings import SettingsError, load_settings
 from service.sidecar_process import start_sidecar
 from service.vllm_server import free_port
-from tests.faults.harness import wait_until
 from tests.otlp_receiver import otlp_trace_receiver
+from tests.polling import wait_until
 from tests.sidecar import RedisServer
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
@@ -214,7 +214,7 @@ def test_a_real_sidecar_exports_a_score_span_child_of_the_requests_span(
     ):
         t0 = time.time_ns()
         _send(sc.address, traffic)
-        receiver.wait_for(lambda: len(receiver.named("misalign.score")) >= 2, 30, "two spans")
+        wait_until(lambda: len(receiver.named("misalign.score")) >= 2, 30, "two spans")
         wait_until(lambda: redis.client().xlen("misalign:{flagged}") == 5, 20, "five samples")
         m = scrape(sc.metrics_url)
         # the sidecar's own shutdown sends what is left: nothing more is expected

@@ -353,7 +353,7 @@ def test_the_overhead_benchs_switch_pauses_the_tap_in_a_compiled_engine(
     """bench/tap_ab_child.py in a real compiled engine: the sidecar gets every row of the steps
     the tap was on and none of the steps it was paused; the child checks that the op in the
     compiled graph left its buffer alone while paused."""
-    from tests.faults.harness import wait_until
+    from tests.polling import wait_until
 
     rec, addr = recorder
     arch = "LlamaForCausalLM"

@@ -17,8 +17,8 @@ from bench.steady_load import scrape
 from detectors import bundle as bundle_io
 from service import vllm_server
 from service.sidecar_process import start_sidecar
-from tests.faults.harness import wait_until
 from tests.otlp_receiver import otlp_trace_receiver
+from tests.polling import wait_until
 from tests.sidecar import RedisServer
 from tests.test_vllm_tap import BUNDLE, ROOT
 
@@ -70,7 +70,7 @@ def test_a_chat_completions_traceparent_reaches_the_score_span_and_the_flagged_s
                     )
             ours = lambda: [s for s in receiver.named("misalign.score") if s.trace_id == TRACE]  # noqa: E731
             theirs = lambda: [s for s in receiver.named("llm_request") if s.trace_id == TRACE]  # noqa: E731
-            receiver.wait_for(
+            wait_until(
                 lambda: len(ours()) == len(convs) and len(theirs()) == len(convs),
                 60,
                 "the score spans and vLLM's own spans",

@@ -1,4 +1,4 @@
-"""What the fault tests share: a load feeder on its own thread, waiting, and reporting figures.
+"""What the fault tests share: a load feeder on its own thread and reporting figures.
 
 Figures are printed (`pytest -s` shows them) and, when ``MISALIGN_FAULT_FIGURES`` names a file,
 appended to it as JSON lines, the source of the table in docs/reliability.md.
@@ -9,22 +9,11 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
-from collections.abc import Callable
 
 import grpc
 
 from bench.steady_load import EngineLoad
 from wire import monitor_pb2_grpc as pb_grpc
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until ``cond()`` held; fails naming ``what`` after ``timeout``."""
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 class Feeder:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import redis
 
-from tests.faults.harness import wait_until
 from tests.faults.redis_proc import RedisProc
+from tests.polling import wait_until
 
 SERVICE = "flagged-primary"  # the name the Sentinel monitors the primary under
 

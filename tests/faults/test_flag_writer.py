@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from service.settings import Settings
 from tests.faults.harness import report
 from tests.faults.redis_fleet import start_on_free_port
 from tests.faults.redis_proc import RedisProc
+from tests.polling import until
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 STREAM = FLAGGED_STREAM
@@ -65,15 +65,6 @@ class Load:
 
     def stop(self) -> None:
         self._stop = True
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    while not cond():
-        assert loop.time() - t0 < timeout, f"{what}: not within {timeout:g} s"
-        await asyncio.sleep(0.02)
-    return loop.time() - t0
 
 
 def value(q: FlagQueue, name: str) -> float:

@@ -20,6 +20,7 @@ from detectors import bundle as bundle_io
 from service import vllm_server
 from service.sidecar_process import SidecarProcess, start_sidecar
 from tests.conftest import ROOT
+from tests.polling import wait_until
 from tests.sidecar import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -37,13 +38,6 @@ def metric(port: int, name: str, **labels: str) -> float:
         for s in fam.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
-
-
-def wait(cond, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.2)
 
 
 def test_vllm_serves_through_sidecar_absence_stall_and_kill(
@@ -81,12 +75,13 @@ def test_vllm_serves_through_sidecar_absence_stall_and_kill(
             absent = ask("absent")  # no sidecar at all
             sidecar = start()
             # The tap reconnects with backoff; requests sent once it is back are scored.
-            wait(
+            wait_until(
                 lambda: (
                     ask("up")
                     and metric(sidecar.metrics_port, "misalign_requests_scored_total") >= 4
                 ),
                 120,
+                "ask('up') and metric(sidecar.metrics_port, 'misalign_requests_scored_total') >= 4",
             )
             assert ask("up2") == absent
             dropped = metric(sidecar.metrics_port, "misalign_rows_dropped_total", side="inference")
@@ -108,12 +103,13 @@ def test_vllm_serves_through_sidecar_absence_stall_and_kill(
             assert results == [absent]
 
             sidecar = start()
-            wait(
+            wait_until(
                 lambda: (
                     ask("back")
                     and metric(sidecar.metrics_port, "misalign_requests_scored_total") >= 4
                 ),
                 120,
+                "ask('back') and metric(sidecar.metrics_port, 'misalign_requests_scored_total') >= 4",
             )
             assert metric(sidecar.metrics_port, "misalign_rows_dropped_total", side="inference") > 0
             assert vllm.poll() is None
