@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -88,4 +89,18 @@ def config_check(
         cwd=ROOT,
         env={**clean, **env},
         timeout=60,
+    )
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """A sidecar's /metrics sample ``name`` on ``port``, summed over the series with ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )

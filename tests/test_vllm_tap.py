@@ -314,8 +314,8 @@ def test_steps_served_but_not_captured_log_an_error_and_reach_the_sidecar_metric
     error and counts every row as dropped (not_captured), which a real sidecar exports."""
     from service import vllm_server
     from service.sidecar_process import start_sidecar
-    from tests.faults.test_vllm_faults import metric, wait
-    from tests.sidecar import RedisServer
+    from tests.polling import wait_until
+    from tests.sidecar import RedisServer, metric
 
     redis_server = RedisServer(tmp_path / "redis").start()
     port = vllm_server.free_port()
@@ -335,8 +335,10 @@ def test_steps_served_but_not_captured_log_an_error_and_reach_the_sidecar_metric
             len(o["prompt_token_ids"]) + len(o["output_token_ids"]) - 1 for o in result["outputs"]
         )
         name = "misalign_rows_dropped_total"
-        wait(
-            lambda: metric(sidecar.metrics_port, name, side="inference", reason="not_captured") > 0
+        wait_until(
+            lambda: metric(sidecar.metrics_port, name, side="inference", reason="not_captured") > 0,
+            60,
+            "the not_captured drops at the sidecar",
         )
         dropped = metric(sidecar.metrics_port, name, side="inference", reason="not_captured")
         # Every row the engine computed was counted (prefix-cache hits are never computed).

@@ -11,7 +11,6 @@ import json
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,23 +20,10 @@ from service import vllm_server
 from service.sidecar_process import SidecarProcess, start_sidecar
 from tests.conftest import ROOT
 from tests.polling import wait_until
-from tests.sidecar import RedisServer
+from tests.sidecar import RedisServer, metric
 
 pytestmark = pytest.mark.slow
 BUNDLE = bundle_io.default_bundle_path()
-
-
-def metric(port: int, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def test_vllm_serves_through_sidecar_absence_stall_and_kill(
