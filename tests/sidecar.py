@@ -8,11 +8,16 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 
+from detectors import bundle as bundle_io
 from service.embedded_redis import EmbeddedRedis
+from service.server import Sidecar, start
+from service.settings import Settings
 from tests.conftest import ROOT
 from wire import monitor_pb2 as pb
+from wire import monitor_pb2_grpc as pb_grpc
 from wire.codec import encode_step
 
 
@@ -103,4 +108,75 @@ def metric(port: int, name: str, **labels: str) -> float:
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+# A sidecar in this process, over real gRPC on a socket, and what tests read from it.
+BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
+K = BUNDLE.k
+
+
+async def make_sidecar(tmp_path: Path, redis_url: str, **over: object) -> Sidecar:
+    s = Settings(
+        grpc_port=0,
+        metrics_port=0,
+        redis_url=redis_url,
+        state_dir=tmp_path / "state",
+        unix_socket=tmp_path / "monitor.sock",
+        **over,
+    )  # type: ignore[arg-type]
+    return await start(s)
+
+
+def stub(sc: Sidecar) -> tuple[grpc.aio.Channel, pb_grpc.MonitorStub]:
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{sc.tcp_port}")
+    return ch, pb_grpc.MonitorStub(ch)
+
+
+def metrics_text(sc: Sidecar) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sc.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def sample(text: str, name: str, missing_ok: bool = False, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    found = False
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+                found = True
+    assert found or missing_ok, f"no sample {name} {labels}"
+    return total
+
+
+def synthetic_requests(n: int, seed: int = 0, flag_every: int = 0):  # type: ignore[no-untyped-def]
+    """Requests with random projections; every ``flag_every``-th one is pushed over threshold."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(12, 40))
+        proj = rng.normal(scale=0.3, size=(length, K)) - BUNDLE.bias
+        if flag_every and i % flag_every == 0:
+            proj[:, 0] += 10.0
+        out.append(request_rows(f"req-{seed}-{i}", proj, n_prompt=int(rng.integers(4, 10)), seed=i))
+    return out
+
+
+async def send(stub_: pb_grpc.MonitorStub, batches) -> pb.IngestSummary:  # type: ignore[no-untyped-def]
+    async def gen():  # type: ignore[no-untyped-def]
+        for b in batches:
+            yield b
+
+    return await stub_.Ingest(gen())
+
+
+async def tls_sidecar(
+    tmp_path: Path, redis_url: str, pki: dict[str, Path], **over: object
+) -> Sidecar:
+    """``make_sidecar`` serving TLS with ``pki``'s server certificate (tests.pki.make_pki)."""
+    return await make_sidecar(
+        tmp_path, redis_url, tls_cert=pki["server.pem"], tls_key=pki["server.key"], **over
     )

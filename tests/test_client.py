@@ -26,28 +26,23 @@ from service.client import (
     Unavailable,
 )
 from service.server import Sidecar
+from tests.pki import make_pki
 from tests.polling import until
-from tests.sidecar import RedisServer, stream_requests
-from tests.test_sidecar import (
+from tests.sidecar import (
     BUNDLE,
     K,
+    RedisServer,
     make_sidecar,
     metrics_text,
     sample,
     send,
+    stream_requests,
     stub,
     synthetic_requests,
+    tls_sidecar,
 )
-from tests.test_sidecar_tls import make_pki, tls_sidecar
 
 TOKEN = "a-token-of-sixteen-chars-or-more"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -22,9 +22,8 @@ from detectors.scoring import (
     token_scores,
 )
 from service.ingest import RequestStore
-from tests.sidecar import RedisServer
+from tests.sidecar import BUNDLE, RedisServer, make_sidecar, metrics_text, sample, send, stub
 from tests.test_bundle import make_bundle
-from tests.test_sidecar import BUNDLE, make_sidecar, metrics_text, redis_server, sample, send, stub
 from wire import monitor_pb2 as pb
 from wire.codec import Rows, decode_batch, encode_step
 
@@ -271,9 +270,6 @@ async def test_several_requests_finishing_in_one_step_over_grpc(
         await ch.close()
     finally:
         await sc.stop()
-
-
-__all__ = ["redis_server"]  # the fixture, shared with test_sidecar
 
 
 def test_finished_requests_wait_for_a_batch_and_a_lookup_scores_them_at_once() -> None:

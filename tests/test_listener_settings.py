@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sidecar_tls import make_pki
+from tests.pki import make_pki
 
 TOKEN = "a-token-long-enough-to-keep"
 

@@ -12,21 +12,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
 from tests.polling import until
-from tests.sidecar import RedisServer, request_rows
-from tests.test_sidecar import (
+from tests.sidecar import (
     BUNDLE,
     K,
+    RedisServer,
     make_sidecar,
     metrics_text,
-    redis_server,
+    request_rows,
     sample,
     send,
     stub,
 )
 from wire import monitor_pb2 as pb
 from wire.codec import encode_step
-
-__all__ = ["redis_server"]
 
 
 def _steps(rid: str, adapter: str, flagged: bool, seed: int) -> list[pb.StepBatch]:

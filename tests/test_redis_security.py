@@ -13,9 +13,9 @@ from service.sidecar_process import SidecarProcess, start_sidecar
 from service.vllm_server import free_port
 from tests.faults.harness import Feeder
 from tests.faults.redis_proc import RedisProc
+from tests.pki import make_pki
 from tests.polling import wait_until
 from tests.sidecar import config_check
-from tests.test_sidecar_tls import make_pki
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 PASSWORD = "s3cret-Redis-pw-7d1f"

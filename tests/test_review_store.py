@@ -19,13 +19,6 @@ from tests.sidecar import RedisServer
 STREAM, GROUP, DEAD, LABELS = "misalign:{flagged}", "reviewers", "misalign:{flagged}:dead", "labels"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = RedisServer(tmp_path / "r").start()
-    yield server
-    server.stop()
-
-
 def open_store(redis_server: RedisServer, claim_idle_s: float) -> ReviewStore:
     return ReviewStore.from_url(
         redis_server.url,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,35 +14,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from detectors import bundle as bundle_io
 from detectors.bundle import Aggregation
 from detectors.scoring import score_request, token_scores
-from service.server import Sidecar, start
-from service.settings import Settings
+from service.server import Sidecar
 from tests.polling import until
-from tests.sidecar import RedisServer, request_rows, stream_requests
+from tests.sidecar import (
+    BUNDLE,
+    K,
+    RedisServer,
+    make_sidecar,
+    metrics_text,
+    request_rows,
+    sample,
+    send,
+    stream_requests,
+    stub,
+    synthetic_requests,
+)
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 from wire.codec import encode_step
-
-BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
-K = BUNDLE.k
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-async def make_sidecar(tmp_path: Path, redis_url: str, **over: object) -> Sidecar:
-    s = Settings(
-        grpc_port=0,
-        metrics_port=0,
-        redis_url=redis_url,
-        state_dir=tmp_path / "state",
-        unix_socket=tmp_path / "monitor.sock",
-        **over,
-    )  # type: ignore[arg-type]
-    return await start(s)
 
 
 @pytest.fixture
@@ -51,51 +39,6 @@ async def sidecar(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Si
     sc = await make_sidecar(tmp_path, redis_server.url)
     yield sc
     await sc.stop()
-
-
-def stub(sc: Sidecar) -> tuple[grpc.aio.Channel, pb_grpc.MonitorStub]:
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{sc.tcp_port}")
-    return ch, pb_grpc.MonitorStub(ch)
-
-
-def metrics_text(sc: Sidecar) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{sc.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def sample(text: str, name: str, missing_ok: bool = False, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    found = False
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-                found = True
-    assert found or missing_ok, f"no sample {name} {labels}"
-    return total
-
-
-def synthetic_requests(n: int, seed: int = 0, flag_every: int = 0):  # type: ignore[no-untyped-def]
-    """Requests with random projections; every ``flag_every``-th one is pushed over threshold."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = int(rng.integers(12, 40))
-        proj = rng.normal(scale=0.3, size=(length, K)) - BUNDLE.bias
-        if flag_every and i % flag_every == 0:
-            proj[:, 0] += 10.0
-        out.append(request_rows(f"req-{seed}-{i}", proj, n_prompt=int(rng.integers(4, 10)), seed=i))
-    return out
-
-
-async def send(stub_: pb_grpc.MonitorStub, batches) -> pb.IngestSummary:  # type: ignore[no-untyped-def]
-    async def gen():  # type: ignore[no-untyped-def]
-        for b in batches:
-            yield b
-
-    return await stub_.Ingest(gen())
 
 
 async def test_streamed_scores_equal_offline_scoring(sidecar: Sidecar) -> None:

@@ -30,21 +30,19 @@ from service.redaction import BUILTIN, Email, Redactor
 from service.redis_keys import FLAGGED_STREAM
 from service.sidecar_process import start_sidecar
 from tests.polling import until
-from tests.sidecar import RedisServer, request_rows
-from tests.test_sidecar import (
+from tests.sidecar import (
     BUNDLE,
     K,
+    RedisServer,
     make_sidecar,
     metrics_text,
-    redis_server,
+    request_rows,
     sample,
     send,
     stub,
 )
 from wire import monitor_pb2 as pb
 from wire.codec import MAX_PROJECTION, Rows, encode_step
-
-__all__ = ["redis_server"]  # the fixture, shared with test_sidecar
 
 # -- redaction -------------------------------------------------------------------------------
 

@@ -3,8 +3,7 @@ listener (service/auth.py), the real tap Publisher over mTLS, the plaintext heal
 
 from __future__ import annotations
 
-import datetime
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,63 +18,12 @@ from service.server import SERVICE_NAME, Sidecar, start
 from service.settings import Settings
 from tap.publisher import Publisher
 from tap.settings import TapSettings
+from tests.pki import make_pki
 from tests.polling import until
-from tests.sidecar import RedisServer
+from tests.sidecar import RedisServer, tls_sidecar
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 from wire.codec import encode_step
-
-
-def make_pki(d: Path) -> dict[str, Path]:
-    d.mkdir(parents=True, exist_ok=True)
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-        (d / f"{stem}.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        (d / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("test-ca"))
-        .issuer_name(name("test-ca"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    write("ca", ca_key, ca)
-    for stem, san in (("server", [x509.DNSName("localhost")]), ("client", [x509.DNSName("tap")])):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name(stem))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        write(stem, key, cert)
-    return {p.stem + p.suffix: p for p in d.iterdir()}
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
@@ -125,13 +73,6 @@ BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 TOKEN = "s3cret-token-for-client-calls"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
 def flagged_request(
     rid: str,
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -153,21 +94,6 @@ def refused(sc: Sidecar, rpc: str) -> float:
         "misalign_ingest_errors_total", {"rpc": rpc, "reason": "unauthenticated"}
     )
     return value or 0.0
-
-
-async def tls_sidecar(tmp_path: Path, redis_url: str, pki: dict[str, Path], **over: Any) -> Sidecar:
-    return await start(
-        Settings(
-            grpc_port=0,
-            metrics_port=0,
-            redis_url=redis_url,
-            state_dir=tmp_path / "state",
-            unix_socket=tmp_path / "monitor.sock",
-            tls_cert=pki["server.pem"],
-            tls_key=pki["server.key"],
-            **over,
-        )
-    )
 
 
 async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_socket(
