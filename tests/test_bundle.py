@@ -11,34 +11,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from detectors import bundle as bundle_io
-from detectors.bundle import Aggregation, Bundle, Calibration, FeatureSpec, ModelRef
+from detectors.bundle import Aggregation, Bundle, FeatureSpec
 from detectors.errors import BundleError
-
-MODEL = ModelRef(name="tiny", hidden_size=8, num_layers=4)
-
-
-def make_bundle(k: int = 2, seed: int = 0) -> Bundle:
-    rng = np.random.default_rng(seed)
-    b = bundle_io.empty(MODEL, layer=2)
-    for i in range(k):
-        cal = Calibration(
-            baseline_mean=0.1,
-            baseline_std=1.0,
-            threshold=2.5,
-            fpr=0.01,
-            n_benign=200,
-            source="benign.jsonl",
-        )
-        spec = FeatureSpec(
-            name=f"f{i}",
-            method="probe",
-            source="x.jsonl",
-            aggregation=Aggregation(reduce="max_rolling_mean", window=4),
-            calibration=cal,
-            params={"cv_auroc": 0.9},
-        )
-        b = b.with_feature(spec, rng.normal(size=8), bias=0.5 * i)
-    return b
+from tests.tiny_models import MODEL, make_bundle
 
 
 def rewrite(path: Path, tensors: dict[str, np.ndarray] | None = None, **meta: str) -> None:

@@ -6,32 +6,13 @@ User mistakes exit 2 with one line naming the file, line or value, never a trace
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.cli_runs import assert_user_error, run
 from tests.planted import labeled_records, make_model, write_jsonl
-
-
-def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-    )
-
-
-def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for n in needles:
-        assert n in proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="module")

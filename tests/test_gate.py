@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -21,61 +19,16 @@ from bench.gate_recorded import (
     recorded,
     same_split,
 )
-from detectors import bundle as bundle_io
 from detectors.gate import Thresholds, hedges_g, run_gate
 from detectors.stats import psi
 from service.sidecar_process import start_sidecar
 from service.vllm_server import free_port
+from tests.cli_runs import error_line, gate
+from tests.gate_scores import BUNDLE, draws, write_scores
 from tests.polling import poll
 from tests.prometheus import PrometheusServer
 from tests.sidecar import request_rows, stream_requests
 from wire import monitor_pb2_grpc as pb_grpc
-
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
-
-
-def gate(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", "gate", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        env=env,
-    )
-
-
-def error_line(res: subprocess.CompletedProcess[str]) -> str:
-    """The one line a user error prints (exit 2), with no traceback."""
-    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
-    lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    return lines[0]
-
-
-def write_scores(
-    path: Path, scores: np.ndarray, ids: list[str] | None = None, texts: list[str] | None = None
-) -> Path:
-    """Lines as `misalign-monitor score` writes them, for ``scores [n, k]`` (thresholds
-    included), with an ``id`` and a ``text`` per line where given."""
-    limits = {f.name: f.calibration.threshold for f in BUNDLE.spec.features if f.calibration}
-    with path.open("w") as f:
-        for i, row in enumerate(scores):
-            feats = {
-                n: {"name": n, "score": float(s), "threshold": limits[n]}
-                for n, s in zip(BUNDLE.feature_names, row, strict=True)
-            }
-            line: dict[str, object] = {"index": i, "bundle": BUNDLE.bundle_id, "features": feats}
-            if ids is not None and texts is not None:
-                line |= {"id": ids[i], "text": texts[i]}
-            f.write(json.dumps(line) + "\n")
-    return path
-
-
-def draws(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, BUNDLE.k)) + np.array([shift, 0.0, 0.0])
 
 
 def test_statistics_on_known_distributions() -> None:

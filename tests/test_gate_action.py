@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from detectors.gate_cli import gate as gate_command
-from tests.test_gate import ROOT, draws, write_scores
+from tests.conftest import ROOT
+from tests.gate_scores import draws, write_scores
 
 ACTION = ROOT / "action.yml"
 

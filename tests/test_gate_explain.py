@@ -9,8 +9,8 @@ import numpy as np
 
 from detectors import bundle as bundle_io
 from detectors.bundle import Bundle, BundleSpec, FeatureSpec, ModelRef
+from tests.cli_runs import error_line, gate
 from tests.planted import HIDDEN, NEUTRAL, make_model
-from tests.test_gate import error_line, gate
 
 LAYER = 2  # the residual after layer 2 carries the bias layer 1 adds
 

@@ -27,10 +27,10 @@ from detectors import bundle as bundle_io
 from detectors.errors import MisalignError
 from detectors.gate import PrometheusAccess, _prometheus_query
 from service.metrics import Metrics
+from tests.cli_runs import error_line, gate
 from tests.pki import make_pki
 from tests.polling import poll
 from tests.prometheus import PrometheusServer
-from tests.test_gate import error_line, gate
 
 with warnings.catch_warnings():
     # bcrypt hashes for --web.config.file from libxcrypt; the module is gone in 3.13, where

@@ -23,7 +23,7 @@ from detectors.scoring import (
 )
 from service.ingest import RequestStore
 from tests.sidecar import BUNDLE, RedisServer, make_sidecar, metrics_text, sample, send, stub
-from tests.test_bundle import make_bundle
+from tests.tiny_models import make_bundle
 from wire import monitor_pb2 as pb
 from wire.codec import Rows, decode_batch, encode_step
 

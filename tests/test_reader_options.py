@@ -11,8 +11,8 @@ import pytest
 from detectors.activations import ActivationReader, ReaderOptions, TokenActivations
 from detectors.errors import ModelError
 from detectors.transcripts import Transcript, read_jsonl
+from tests.cli_runs import assert_user_error, run
 from tests.planted import labeled_records, write_jsonl
-from tests.test_cli import assert_user_error, run
 
 LAYERS = [2, 4]
 

@@ -8,7 +8,7 @@ from detectors.bundle import Aggregation, Calibration, FeatureSpec
 from detectors.calibrate import apply_calibration, calibration_from_scores
 from detectors.evaluate import auroc, bootstrap_auroc_ci, detection, tpr_at_fpr
 from detectors.scoring import pool_segments, rolling_max_mean, score_request, token_scores
-from tests.test_bundle import make_bundle
+from tests.tiny_models import make_bundle
 
 
 def test_rolling_max_mean_finds_a_local_spike_the_mean_hides() -> None:
@@ -142,8 +142,7 @@ def test_score_request_pools_with_the_features_softmax_temperature() -> None:
 
 def test_a_multi_layer_bundle_projects_each_column_at_its_layer(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from detectors.scoring import project
-    from tests.test_bundle import MODEL
-    from tests.tiny_models import multi_layer_bundle
+    from tests.tiny_models import MODEL, multi_layer_bundle
 
     b = multi_layer_bundle(tmp_path / "m.safetensors", MODEL, (2, 4))
     rng = np.random.default_rng(0)
@@ -158,8 +157,7 @@ def test_a_multi_layer_bundle_projects_each_column_at_its_layer(tmp_path) -> Non
 
 
 def test_a_head_scores_its_inputs_pooled_by_the_features_aggregation(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tests.test_bundle import MODEL
-    from tests.tiny_models import multi_layer_bundle
+    from tests.tiny_models import MODEL, multi_layer_bundle
 
     b = multi_layer_bundle(tmp_path / "m.safetensors", MODEL, (2, 4))
     combined = b.spec.features[3].model_copy(

@@ -16,7 +16,7 @@ import numpy as np
 
 from bench.synthetic import synthetic_bundle
 from detectors import bundle as bundle_io
-from detectors.bundle import FeatureSpec, ModelRef
+from detectors.bundle import Aggregation, Bundle, Calibration, FeatureSpec, ModelRef
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 HIDDEN, LAYERS = 128, 4
@@ -167,4 +167,33 @@ def multi_layer_bundle(path: Path, ref: ModelRef, layers: tuple[int, int]) -> bu
         bias=0.3,
     )
     bundle_io.save(b, path)
+    return b
+
+
+# A model the bundle tests never load: its shape is all a bundle records of it.
+MODEL = ModelRef(name="tiny", hidden_size=8, num_layers=4)
+
+
+def make_bundle(k: int = 2, seed: int = 0) -> Bundle:
+    """An in-memory bundle of ``k`` calibrated random probes for ``MODEL`` at layer 2."""
+    rng = np.random.default_rng(seed)
+    b = bundle_io.empty(MODEL, layer=2)
+    for i in range(k):
+        cal = Calibration(
+            baseline_mean=0.1,
+            baseline_std=1.0,
+            threshold=2.5,
+            fpr=0.01,
+            n_benign=200,
+            source="benign.jsonl",
+        )
+        spec = FeatureSpec(
+            name=f"f{i}",
+            method="probe",
+            source="x.jsonl",
+            aggregation=Aggregation(reduce="max_rolling_mean", window=4),
+            calibration=cal,
+            params={"cv_auroc": 0.9},
+        )
+        b = b.with_feature(spec, rng.normal(size=8), bias=0.5 * i)
     return b
