@@ -56,9 +56,33 @@ def rolling_max_means(x: np.ndarray, window: int) -> np.ndarray:
         return np.full(x.shape[1], np.nan)
     if t <= window:
         return x.mean(axis=0, dtype=np.float64)
-    c = np.zeros((t + 1, x.shape[1]))
-    np.cumsum(x, axis=0, dtype=np.float64, out=c[1:])
-    return (c[window:] - c[:-window]).max(axis=0) / window
+    return window_sums(x, window).max(axis=0) / window
+
+
+def window_sums(x: np.ndarray, window: int) -> np.ndarray:
+    """Float64 sums of ``window`` consecutive rows of ``x [t, k]``: row j sums rows j to
+    j + window - 1 (``t - window + 1`` rows; ``window <= t``).
+
+    Summed by doubling (pairs, then pairs of pairs, ...; window's binary digits pick the
+    pieces), about log2(window) whole-array additions: a running sum over the rows (one
+    addition per element, done one element at a time) took several times as long, and its
+    differences lose digits to everything summed before the window.
+    """
+    x = np.asarray(x, np.float64)
+    n = len(x) - window + 1
+    out: np.ndarray | None = None
+    piece, size, at, w = x, 1, 0, window  # piece[j]: rows j .. j + size - 1 summed
+    while w:
+        if w & 1:
+            part = piece[at : at + n]
+            out = part.copy() if out is None else np.add(out, part, out=out)
+            at += size
+        w >>= 1
+        if w:
+            piece = piece[:-size] + piece[size:]
+            size *= 2
+    assert out is not None
+    return out
 
 
 def rolling_max_mean(x: np.ndarray, window: int) -> float:
@@ -109,12 +133,13 @@ def _segment_rolling_max(
     x: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, window: int
 ) -> np.ndarray:
     """``rolling_max_means`` of each row segment ``x[offsets[i]:offsets[i + 1]]``, all at once."""
-    out = _segment_means(x, offsets, lengths)
     long = lengths > window
+    # a segment no longer than the window takes its mean (none: every entry is set below)
+    out = (
+        np.empty((len(lengths), x.shape[1])) if long.all() else _segment_means(x, offsets, lengths)
+    )
     if long.any():
-        c = np.zeros((len(x) + 1, x.shape[1]))
-        np.cumsum(x, axis=0, dtype=np.float64, out=c[1:])
-        sums = c[window:] - c[:-window]  # sums[j]: the window starting at row j
+        sums = window_sums(x, window)  # sums[j]: the window starting at row j
         # a window counts only inside a segment longer than it (a shorter one takes its mean)
         seg_end = np.where(long, offsets[1:], -1).repeat(lengths)[: len(sums)]
         sums[np.arange(window, len(sums) + window) > seg_end] = -np.inf

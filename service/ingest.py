@@ -68,7 +68,15 @@ class RequestStore:
         self._nfree = 0
         self._meta = np.zeros((0, 3), np.int64)  # position, token id, role
         self._proj = np.zeros((0, k), np.float32)
+        self._views()
         self._finished: OrderedDict[str, None] = OrderedDict()  # recent ids, to spot duplicates
+
+    def _views(self) -> None:
+        """The pool's rows as one opaque item each: a row copied by index is one memcpy, not a
+        loop over its columns (a fraction of the time for rows this narrow). Made again
+        whenever the pool is resized."""
+        self._meta_rows = _as_rows(self._meta)
+        self._proj_rows = _as_rows(self._proj)
 
     def __len__(self) -> int:
         return len(self._slot)
@@ -120,6 +128,7 @@ class RequestStore:
             self._meta.resize((rows, 3), refcheck=False)
             self._proj.resize((rows, self.k), refcheck=False)
             self._free.resize(have + grow, refcheck=False)
+            self._views()
             self._free[self._nfree : self._nfree + grow] = np.arange(have + grow - 1, have - 1, -1)
             self._nfree += grow
         self._nfree -= n
@@ -153,41 +162,55 @@ class RequestStore:
         """Append a batch's rows; returns rows dropped by reason (capacity, length, late)."""
         dropped: dict[str, int] = {}
         ids = rows.request_ids
-        lens = np.diff(rows.offsets)
+        off = rows.offsets
+        lens = off[1:] - off[:-1]
         slots = np.fromiter(map(self._slot.get, ids, itertools.repeat(-1)), np.int64, len(ids))
-        new: list[int] = []  # slots made for this batch: given back if their rows are refused
-        for i in np.nonzero((slots < 0) & (lens > 0))[0].tolist():
-            rid, m = ids[i], int(lens[i])
-            if rid in self._finished:
-                dropped["after_finish"] = dropped.get("after_finish", 0) + m
-            elif len(self._slot) >= self.max_requests:
-                dropped["capacity"] = dropped.get("capacity", 0) + m
-            elif m > self.max_tokens:
-                dropped["too_long"] = dropped.get("too_long", 0) + m
-            else:
-                slots[i] = self._new_slot(rid, now)
-                new.append(i)
-        keep = (slots >= 0) & (lens > 0)
-        if not keep.any():  # also: no slot exists yet to index below
+        absent = slots < 0
+        # (np.count_nonzero: a fraction of ndarray.any's cost on arrays this small)
+        if np.count_nonzero(absent):
+            new: list[int] = []  # slots made for this batch: given back if their rows are refused
+            for i in np.flatnonzero(absent & (lens > 0)).tolist():
+                rid, m = ids[i], int(lens[i])
+                if rid in self._finished:
+                    dropped["after_finish"] = dropped.get("after_finish", 0) + m
+                elif len(self._slot) >= self.max_requests:
+                    dropped["capacity"] = dropped.get("capacity", 0) + m
+                elif m > self.max_tokens:
+                    dropped["too_long"] = dropped.get("too_long", 0) + m
+                else:
+                    slots[i] = self._new_slot(rid, now)
+                    new.append(i)
+            keep = (slots >= 0) & (lens > 0)
+        else:
+            new = []
+            keep = lens > 0
+        n_keep = np.count_nonzero(keep)
+        if not n_keep:  # also: no slot exists yet to index below
             return dropped
-        c0 = self._count[np.where(keep, slots, 0)]
-        too_long = keep & (c0 + lens > self.max_tokens)
-        if too_long.any():
+        every = n_keep == len(keep)
+        c0 = self._count[slots if every else np.where(keep, slots, 0)]
+        too_long = c0 + lens > self.max_tokens
+        if not every:
+            too_long &= keep
+        if np.count_nonzero(too_long):
             dropped["too_long"] = dropped.get("too_long", 0) + int(lens[too_long].sum())
             keep &= ~too_long
-        over = keep & (np.cumsum(np.where(keep, lens, 0)) > self.max_rows - self._rows)
-        if over.any():
+            every = False
+        kept_lens = lens if every else np.where(keep, lens, 0)
+        if int(kept_lens.sum()) > self.max_rows - self._rows:  # else none is over
+            over = keep & (np.cumsum(kept_lens) > self.max_rows - self._rows)
             dropped["capacity"] = dropped.get("capacity", 0) + int(lens[over].sum())
             keep &= ~over
+            every = False
             refused = [int(slots[i]) for i in new if over[i]]
             if refused:  # a request none of whose rows were kept holds nothing
                 self._release(refused, np.zeros(0, np.int64))
-        if not keep.any():
+        if not every and not np.count_nonzero(keep):
             return dropped
-        if keep.all():
-            sl, ln, src0 = slots, lens, rows.offsets[:-1]
+        if every:
+            sl, ln, src0 = slots, lens, off[:-1]
         else:
-            sl, ln, c0, src0 = slots[keep], lens[keep], c0[keep], rows.offsets[:-1][keep]
+            sl, ln, c0, src0 = slots[keep], lens[keep], c0[keep], off[:-1][keep]
         self._scatter(rows, sl, ln, c0, src0)
         self._seen[sl] = now
         return dropped
@@ -198,50 +221,48 @@ class RequestStore:
         """Write segment i of ``rows`` (``ln[i]`` rows from ``src0[i]``) after the ``c0[i]`` rows
         slot ``sl[i]`` holds: first into the free end of its last page, then into new pages."""
         P = self.page
-        room = (-c0) % P  # free rows in the last page (0 when there is none)
-        extra = (c0 + ln + P - 1) // P - (c0 + P - 1) // P  # new pages per segment
-        total = int(extra.sum())
-        first_new = np.cumsum(extra) - extra  # segment i's new pages: new[first_new[i]:...]
+        room = -c0 % P  # free rows in the last page (0 when there is none)
+        # new pages per segment: ceil((ln - room) / P), 0 when the rows fit (ln - room > -P)
+        extra = (ln - room + (P - 1)) // P
+        ends = np.cumsum(extra)
+        total = int(ends[-1])
+        first_new = ends - extra  # segment i's new pages: new[first_new[i]:...]
+        old_tail = self._tail[sl]
         if total:
             new = self._take_pages(total)
             has = extra > 0
-            # chain the new pages of each segment, then hang them after its last page
-            nxt = np.empty_like(new)
-            nxt[:-1] = new[1:]
-            last_new = first_new[has] + extra[has] - 1
-            nxt[last_new] = -1
-            self._next[new] = nxt
+            # Chain the new pages of each segment (taken pages are unchained: _next is -1),
+            # then hang them after its last page.
+            last_new = (ends - 1)[has]
+            nxt = self._next
+            nxt[new[:-1]] = new[1:]
+            nxt[new[last_new]] = -1
             hs, fn = sl[has], new[first_new[has]]
-            tail = self._tail[hs]
+            tail = old_tail[has]
             cont = tail >= 0
-            self._next[tail[cont]] = fn[cont]
+            nxt[tail[cont]] = fn[cont]
             self._head[hs[~cont]] = fn[~cont]
-            old_tail = self._tail[sl]
             self._tail[hs] = new[last_new]
-        else:
-            new = np.zeros(1, np.int64)
-            old_tail = self._tail[sl]
         n = int(ln.sum())
         starts = np.cumsum(ln) - ln
-        within = np.arange(n) - np.repeat(starts, ln)
-        q = within - np.repeat(room, ln)  # < 0: the old last page; else rows into new pages
-        in_old = q < 0
-        qn = np.where(in_old, 0, q)
-        page = np.where(
-            in_old,
-            np.repeat(old_tail, ln),
-            new[np.minimum(np.repeat(first_new, ln) + qn // P, len(new) - 1)],
-        )
-        dst = page * P + np.where(in_old, P + q, qn % P)
-        if n == len(rows.meta):
-            self._meta[dst] = rows.meta
-            self._proj[dst] = rows.projections
+        seg = np.repeat(np.arange(len(ln)), ln)  # each row's segment
+        # q: the row's index past the free end of its segment's last page; < 0: into that page
+        q = np.arange(n) - (starts + room)[seg]
+        if total:
+            # q // P is -1 in the old page (an index np.where discards)
+            page = np.where(q < 0, old_tail[seg], new[first_new[seg] + q // P])
         else:
-            src = np.repeat(src0, ln) + within
-            self._meta[dst] = rows.meta[src]
-            self._proj[dst] = rows.projections[src]
+            page = old_tail[seg]
+        dst = page * P + q % P
+        if n == len(rows.meta):
+            self._meta_rows[dst] = _as_rows(rows.meta)
+            self._proj_rows[dst] = _as_rows(rows.projections)
+        else:
+            src = np.repeat(src0 - starts, ln) + np.arange(n)
+            self._meta_rows[dst] = _as_rows(rows.meta)[src]
+            self._proj_rows[dst] = _as_rows(rows.projections)[src]
         self._count[sl] = c0 + ln
-        self._rows += int(ln.sum())
+        self._rows += n
 
     def finish(self, rids: list[str]) -> tuple[list[int], list[str | None]]:
         """Close requests: from now on their rows are refused (``after_finish``) and they never
@@ -278,7 +299,8 @@ class RequestStore:
         rank = np.arange(len(pages)) - (npages.cumsum() - npages).repeat(npages)
         filled = np.minimum(counts.repeat(npages) - rank * P, P)
         idx = (pages[:, None] * P + np.arange(P))[np.arange(P) < filled[:, None]]
-        meta, proj = self._meta[idx], self._proj[idx]
+        meta = self._meta_rows[idx].view(np.int64).reshape(-1, 3)
+        proj = self._proj_rows[idx].view(np.float32).reshape(-1, self.k)
         self._release(slots, pages)
         pos = meta[:, 0]
         d = np.diff(pos)
@@ -298,6 +320,12 @@ class RequestStore:
             pages = itertools.chain.from_iterable(self._pages(s) for s in stale)
             self._release(stale, np.fromiter(pages, np.int64))
         return len(stale)
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous 2-d array as a 1-d array of its rows, each one opaque item (a view)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).reshape(len(a))
 
 
 def _last_write_wins(

@@ -131,7 +131,9 @@ class ScoreHistograms(Collector):
         scores = np.asarray(scores, np.float64).reshape(-1, len(self.features))
         ok = ~np.isnan(scores)
         feats = np.nonzero(ok)[1]
-        np.add.at(counts, (feats, np.searchsorted(self.edges, scores[ok], side="left")), 1)
+        # bucket counts by (feature, bucket) in one bincount (np.add.at is many times slower)
+        cell = feats * counts.shape[1] + np.searchsorted(self.edges, scores[ok], side="left")
+        counts += np.bincount(cell, minlength=counts.size).reshape(counts.shape)
         sums += np.where(ok, scores, 0.0).sum(axis=0)
 
     def collect(self) -> Iterator[HistogramMetricFamily]:

@@ -40,10 +40,11 @@ class Rows:
         return self.meta[:, 2]
 
 
-def _u32(data: bytes, field: str) -> np.ndarray:
+def _u32_count(data: bytes, field: str) -> int:
+    """The uint32 values ``data`` holds."""
     if len(data) % 4:
         raise BadInput("row_count", f"{field} has {len(data)} bytes, not a whole number of uint32")
-    return np.frombuffer(data, dtype="<u4").astype(np.int64)
+    return len(data) // 4
 
 
 def decode_rows(
@@ -68,12 +69,12 @@ def decode_rows(
     if k != loaded_k:
         raise BadInput("wrong_width", f"k is {k}, the loaded bundle has {loaded_k} features")
     n = len(is_response)
-    tok = _u32(token_ids, "token_ids")
-    if len(tok) != n:
-        raise BadInput("row_count", f"token_ids has {len(tok)} rows, is_response has {n}")
-    pos = np.arange(n, dtype=np.int64) if positions is None else _u32(positions, "positions")
-    if len(pos) != n:
-        raise BadInput("row_count", f"positions has {len(pos)} rows, is_response has {n}")
+    tok_n = _u32_count(token_ids, "token_ids")
+    if tok_n != n:
+        raise BadInput("row_count", f"token_ids has {tok_n} rows, is_response has {n}")
+    pos_n = n if positions is None else _u32_count(positions, "positions")
+    if pos_n != n:
+        raise BadInput("row_count", f"positions has {pos_n} rows, is_response has {n}")
     if len(projections) != n * k * 4:
         raise BadInput(
             "wrong_width",
@@ -110,7 +111,15 @@ def decode_rows(
         )
     if request_ids is not None and (len(set(ids)) != len(ids) or not all(ids)):
         raise BadInput("bad_request_id", "request_ids must be non-empty and unique within a step")
-    return Rows(ids, off, np.stack([pos, tok, roles.astype(np.int64)], axis=1), proj)
+    # Decoded straight into the columns of ``meta`` (no int64 temporaries to stack).
+    meta = np.empty((n, 3), np.int64)
+    if positions is None:
+        meta[:, 0] = np.arange(n)
+    else:
+        meta[:, 0] = np.frombuffer(positions, dtype="<u4")
+    meta[:, 1] = np.frombuffer(token_ids, dtype="<u4")
+    meta[:, 2] = roles
+    return Rows(ids, off, meta, proj)
 
 
 def decode_batch(loaded_id: str, loaded_k: int, msg: pb.StepBatch) -> Rows:
