@@ -7,7 +7,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV_DATA = ROOT / "data"
-pytest_plugins = ["tests.recorder"]  # the `recorder` fixture: a gRPC server in place of the sidecar
+# fixtures: `recorder` (a gRPC server in place of the sidecar), `redis_server` (tests.sidecar)
+pytest_plugins = ["tests.recorder", "tests.sidecar"]
 
 
 def _user_cache() -> Path:
@@ -52,13 +53,3 @@ def smollm2_dir() -> Path:
 def _isolated_activation_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Activation caches written by tests never reach the user's cache."""
     monkeypatch.setenv("MISALIGN_MONITOR_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A Redis server of the test's own (tests.sidecar.RedisServer), stopped after it."""
-    from tests.sidecar import RedisServer
-
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from detectors import bundle as bundle_io
 from service.embedded_redis import EmbeddedRedis
@@ -37,6 +38,14 @@ class RedisServer(EmbeddedRedis):
         import redis
 
         return redis.Redis(unix_socket_path=str(self.socket), decode_responses=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A Redis server of the test's own (tests.sidecar.RedisServer), stopped after it."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 def request_rows(rid: str, proj: np.ndarray, n_prompt: int, seed: int = 0):  # type: ignore[no-untyped-def]
