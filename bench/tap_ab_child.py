@@ -72,18 +72,11 @@ def main() -> int:
     from detectors import bundle as bundle_io
     from detectors.activations import template_ids
     from detectors.demo import DEMO_CONVERSATIONS
+    from scripts.vllm_run import ENGINE_ARGS
     from tap import state
 
     k = bundle_io.load(args.bundle).k
-    llm = LLM(
-        model=args.model,
-        enforce_eager=not args.compiled,
-        gpu_memory_utilization=0.3,
-        dtype="float32",
-        max_model_len=1024,
-        distributed_executor_backend="uni",
-        seed=0,
-    )
+    llm = LLM(model=args.model, enforce_eager=not args.compiled, **ENGINE_ARGS)
     cfg = state.active()
     if cfg is None or cfg.layer is None:
         raise SystemExit("the tap is not active in this process: nothing to switch")

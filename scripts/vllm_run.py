@@ -19,6 +19,16 @@ import os
 import sys
 import time
 
+# The engine every test and bench run starts: float32 for parity with transformers, one process
+# for the worker ("uni"), a fixed seed; on the CPU, the share of host memory vLLM reserves.
+ENGINE_ARGS = {
+    "gpu_memory_utilization": 0.3,
+    "dtype": "float32",
+    "max_model_len": 1024,
+    "distributed_executor_backend": "uni",
+    "seed": 0,
+}
+
 
 def _install_probe_after(worker, layer: int, bundle_path: str) -> None:  # type: ignore[no-untyped-def]
     """Test probe (eager only): the raw projections entering decoder layer ``layer`` (0-based),
@@ -103,11 +113,7 @@ def main() -> int:
     llm = LLM(
         model=args.model,
         enforce_eager=not args.compiled,
-        gpu_memory_utilization=0.3,
-        dtype="float32",
-        max_model_len=1024,
-        distributed_executor_backend="uni",
-        seed=0,
+        **ENGINE_ARGS,
         **(
             {"enable_lora": True, "max_lora_rank": 16, "max_loras": len(adapters)}
             if adapters
