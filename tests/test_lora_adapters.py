@@ -159,8 +159,8 @@ def test_vllm_sends_each_requests_adapter_and_the_rows_are_the_adapted_models(
     import json
 
     from service.vllm_server import vllm_env
-    from tests.test_vllm_tap import check_parity, prompts, run_vllm
     from tests.tiny_models import SMALL_HIDDEN, SMALL_LAYERS, tiny_bundle, tiny_model
+    from tests.vllm_runs import check_parity, prompts, run_vllm
 
     rec, addr = recorder
     arch = "LlamaForCausalLM"

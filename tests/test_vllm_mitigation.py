@@ -15,7 +15,8 @@ import pytest
 
 from detectors import bundle as bundle_io
 from service import vllm_server
-from tests.test_vllm_tap import BUNDLE, ROOT, received_rows, run_vllm
+from tests.conftest import ROOT
+from tests.vllm_runs import BUNDLE, received_rows, run_vllm
 from wire import monitor_pb2 as pb
 
 pytestmark = pytest.mark.slow

@@ -17,10 +17,11 @@ from bench.steady_load import scrape
 from detectors import bundle as bundle_io
 from service import vllm_server
 from service.sidecar_process import start_sidecar
+from tests.conftest import ROOT
 from tests.otlp_receiver import otlp_trace_receiver
 from tests.polling import wait_until
 from tests.sidecar import RedisServer
-from tests.test_vllm_tap import BUNDLE, ROOT
+from tests.vllm_runs import BUNDLE
 
 pytestmark = pytest.mark.slow
 FEATURES = bundle_io.load(BUNDLE).feature_names
