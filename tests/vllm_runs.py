@@ -46,22 +46,7 @@ def run_vllm(
     env = dict(env or vllm_env(VLLM_LOGGING_LEVEL="WARNING"))
     if not engine_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    p = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "vllm_run.py"),
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-    )
+    p = vllm_run(model, data, list(extra), timeout, env)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-3000:]
     out = json.loads(lines[-1].removeprefix("RESULT "))
@@ -73,25 +58,18 @@ def failed_start(
     model: Path, data: Path, bundle: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """A vLLM start with the tap that must fail: the finished process, asserted non-zero."""
-    p = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "vllm_run.py"),
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "--tap",
-            str(bundle),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env=env,
-    )
+    p = vllm_run(model, data, ["--tap", str(bundle)], 600, env)
     assert p.returncode != 0
     return p
+
+
+def vllm_run(
+    model: Path, data: Path, extra: list[str], timeout: int, env: dict[str, str] | None
+) -> subprocess.CompletedProcess[str]:
+    """scripts/vllm_run.py on ``model`` and ``data`` with ``extra`` arguments, finished."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "vllm_run.py"), "--model", str(model)]
+    cmd += ["--data", str(data), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def received_rows(
