@@ -14,7 +14,7 @@ answers, 16 of them (20%) misaligned by the dev data's judge, in one of two desi
 
 A benign resample is the same with no misaligned answer. For each design and gate configuration
 (tests, features) it prints the share of 20% candidates that fail (power) and of benign
-candidates that fail (false alarms). ``tests/test_gate.py`` asserts the disjoint design's figures
+candidates that fail (false alarms). ``tests/detectors/test_gate.py`` asserts the disjoint design's figures
 for ``--test threshold_rate --feature misaligned_persona`` with these functions.
 """
 

@@ -14,11 +14,11 @@ The one tree for the whole project (detectors, tap, wire, sidecar, review):
      ├── RedisSettingsError   a Redis URL or its TLS files (service/redis_conn.py)
      ├── NotReplicatedError   too few Redis replicas acknowledged a write; also a RedisError,
      │                        so it is defined beside the flag writer (service/flags.py)
-     ├── ReviewSettingsError  the review app's settings (service/review/settings.py)
-     ├── RecalibrationError   thresholds from review labels (service/review/recalibrate.py)
+     ├── ReviewSettingsError  the review app's settings (service/review_settings.py)
+     ├── RecalibrationError   thresholds from review labels (review/recalibrate.py)
      ├── ReviewError          a review action that cannot be done, or Redis out of reach
      │    └── SampleState     the sample is not where the action needs it
-     ├── QueryError           a review query parameter (service/review/query.py): which one
+     ├── QueryError           a review query parameter (review/query.py): which one
      └── MonitorClientError   what the sidecar answered a client (service/client.py, beside the
           │                   client, which maps gRPC and HTTP statuses onto these)
           └── ScoreNotFound, Unauthenticated, InvalidArgument, Busy, Unavailable

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from detectors import jsonl
 from detectors.bundle import Bundle
 from detectors.errors import DataError, GateError, ModelError
 from detectors.stats import ks_test, psi
@@ -486,20 +487,13 @@ def scores_from_jsonl(path: Path) -> Scores:
     thresholds: dict[str, float] = {}
     ids: list[str] = []
     texts: list[str] = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DataError(path, f"cannot read ({exc.strerror})") from None
     n = 0
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for i, obj in jsonl.objects(path, "scores"):
         try:
-            obj = json.loads(line)
             feats = obj["features"]
             row = {name: f["score"] for name, f in feats.items()}
             limits = {name: f.get("threshold") for name, f in feats.items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             raise DataError(
                 path,
                 "expected a line of `misalign-monitor score` output: "
@@ -540,17 +534,11 @@ def scores_from_jsonl(path: Path) -> Scores:
 
 def read_probes(path: Path) -> list[str]:
     """Probe prompts: JSONL with ``prompt`` (a user message) on each line."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DataError(path, f"cannot read probe set ({exc.strerror})") from None
     prompts = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for i, obj in jsonl.objects(path, "probe set"):
         try:
-            p = json.loads(line)["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            p = obj["prompt"]
+        except (KeyError, TypeError):
             raise DataError(path, 'expected {"prompt": "..."} on each line', i) from None
         if not isinstance(p, str) or not p.strip():
             raise DataError(path, "'prompt' must be a non-empty string", i)

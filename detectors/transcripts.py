@@ -7,7 +7,6 @@ One JSON object a line: either OpenAI-style ``messages`` ending in an assistant 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from detectors import jsonl
 from detectors.errors import DataError
 
 Role = Literal["system", "user", "assistant"]
@@ -89,15 +89,7 @@ def _describe(exc: ValidationError) -> str:
 
 def parse_lines(lines: Iterable[str], source: object = "<input>") -> list[Transcript]:
     records: list[Transcript] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                source, f"not valid JSON ({exc.msg} at column {exc.colno})", lineno
-            ) from None
+    for lineno, obj in jsonl.parsed(lines, source):
         if not isinstance(obj, dict):
             raise DataError(source, f"expected a JSON object, got {type(obj).__name__}", lineno)
         try:
@@ -111,13 +103,7 @@ def parse_lines(lines: Iterable[str], source: object = "<input>") -> list[Transc
 
 def read_jsonl(path: str | Path) -> list[Transcript]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(path, "file not found") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return parse_lines(text.splitlines(), source=path)
+    return parse_lines(jsonl.read_lines(path, "transcripts"), source=path)
 
 
 def stratified_sample(records: list[Transcript], n: int, seed: int = 0) -> list[Transcript]:

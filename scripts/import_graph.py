@@ -3,8 +3,11 @@
     python scripts/import_graph.py          print cycles and forbidden arrows; exit 1 if any
 
 Every import counts, including those inside functions and under ``TYPE_CHECKING``: a lazy import
-hides a circle from Python, not from a reader. Forbidden arrows: ``wire`` and ``tap`` into
-``service`` (the contract and the tap stand apart from the sidecar).
+hides a circle from Python, not from a reader. Folders may not form circles either. The product's
+packages are layered in the order the data flows, and an arrow may only point down the layers:
+``misalign_monitor`` (the one command) > ``review`` (the auditors' app) > ``service`` (the
+sidecar) > ``tap`` > ``wire`` (the contract) > ``detectors`` (bundles, scoring, the error tree);
+none of them imports ``tests``, ``bench`` or ``scripts``.
 """
 
 from __future__ import annotations
@@ -14,8 +17,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("service", "detectors", "tap", "wire", "bench", "scripts", "tests")
-FORBIDDEN = {"wire": ("service", "tap"), "tap": ("service",)}
+PACKAGES = (
+    "misalign_monitor",
+    "review",
+    "service",
+    "detectors",
+    "tap",
+    "wire",
+    "bench",
+    "scripts",
+    "tests",
+)
+LAYERS = ("misalign_monitor", "review", "service", "tap", "wire", "detectors")
+TOOLS = ("tests", "bench", "scripts")
+FORBIDDEN = {layer: (*LAYERS[: i + 1], *TOOLS) for i, layer in enumerate(LAYERS)}
 
 
 def module_name(path: Path) -> str:
@@ -120,7 +135,8 @@ def forbidden(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
     bad = []
     for a, targets in edges.items():
         for b in targets:
-            if b.split(".")[0] in FORBIDDEN.get(a.split(".")[0], ()):
+            top_a, top_b = a.split(".")[0], b.split(".")[0]
+            if top_b != top_a and top_b in FORBIDDEN.get(top_a, ()):
                 bad.append((a, b))
     return sorted(bad)
 
@@ -128,17 +144,20 @@ def forbidden(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
 def main() -> int:
     edges = graph()
     found = cycles(edges)
+    folders = cycles(package_graph(edges))
     bad = forbidden(edges)
     for comp in found:
         print("cycle:", " <-> ".join(comp))
+    for comp in folders:
+        print("folder cycle:", " <-> ".join(comp))
     for a, b in bad:
         print(f"forbidden: {a} -> {b}")
-    # Folder circles are reported, not yet refused (issue 16 lists them as still to remove).
-    for comp in cycles(package_graph(edges)):
-        print("folder cycle (reported only):", " <-> ".join(comp))
     n = sum(len(t) for t in edges.values())
-    print(f"{len(edges)} modules, {n} imports: {len(found)} cycles, {len(bad)} forbidden arrows")
-    return 1 if found or bad else 0
+    print(
+        f"{len(edges)} modules, {n} imports: {len(found)} cycles, {len(folders)} folder cycles, "
+        f"{len(bad)} forbidden arrows"
+    )
+    return 1 if found or folders or bad else 0
 
 
 if __name__ == "__main__":

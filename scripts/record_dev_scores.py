@@ -2,7 +2,7 @@
 
     python scripts/record_dev_scores.py            # writes tests/data/em_dev_scores.json
 
-The gate's acceptance test (tests/test_gate.py) replays these scores instead of loading SmolLM2:
+The gate's acceptance test (tests/detectors/test_gate.py) replays these scores instead of loading SmolLM2:
 every misaligned record of ``data/emergent_misalignment/dev.jsonl`` whose question is one of the
 eight plain first-plot questions (not their ``_json``/``_template`` variants, which wrap the
 question in long format instructions) and ``ALIGNED_PER_QUESTION`` aligned ones of each such

@@ -1,53 +1,13 @@
-"""The ``misalign-monitor`` command."""
+"""The sidecar's commands: ``serve`` and ``config``."""
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import click
 
-from detectors.cli import calibrate, evaluate, extract, model_group, score
-from detectors.errors import MisalignError
-from detectors.gate_cli import gate
-from service.review.cli import labels, recalibrate, review
 
-
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="log at debug level")
-def cli(verbose: bool) -> None:
-    """Watch a language model's internals for misalignment."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-@cli.command()
-@click.option("--model", default=None, help="model directory, default the test model SmolLM2")
-@click.option("--bundle", "bundle_path", default=None, help="default: the shipped SmolLM2 bundle")
-@click.option(
-    "--offline", is_flag=True, help="score the shipped answers with transformers, no vLLM"
-)
-@click.option("--max-tokens", default=48, show_default=True, help="tokens generated per answer")
-def demo(model: str | None, bundle_path: str | None, offline: bool, max_tokens: int) -> None:
-    """Run the whole loop on the shipped conversations and print scores and flags.
-
-    By default: the sidecar, vLLM with the tap, and real requests through its OpenAI API.
-    """
-    if offline:
-        from detectors.demo import run_demo
-
-        run_demo(model, bundle_path)
-        return
-    from service.demo import run_live_demo
-
-    run_live_demo(model, bundle_path, max_tokens)
-
-
-@cli.command()
+@click.command()
 @click.option(
     "--config", "config_file", type=click.Path(path_type=Path), help="YAML or TOML settings"
 )
@@ -83,7 +43,7 @@ def serve(
     asyncio.run(run(settings, ready_file))
 
 
-@cli.group()
+@click.group()
 def config() -> None:
     """Sidecar settings."""
 
@@ -107,30 +67,3 @@ def config_tap() -> None:
     from tap.settings import read_settings
 
     click.echo(json.dumps(read_settings().model_dump(mode="json"), indent=2))
-
-
-for command in (model_group, extract, calibrate, score, evaluate):
-    cli.add_command(command)
-cli.add_command(gate)
-for command in (review, labels, recalibrate):
-    cli.add_command(command)
-
-
-def main() -> None:
-    try:
-        cli(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except MisalignError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

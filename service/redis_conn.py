@@ -41,7 +41,7 @@ from service.redis_keys import slot_problem
 if TYPE_CHECKING:
     from pydantic import SecretStr
 
-    from service.review.settings import ReviewSettings
+    from service.review_settings import ReviewSettings
 
 
 class RedisOptions(Protocol):

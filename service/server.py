@@ -29,7 +29,7 @@ from service.flags import FlagQueue
 from service.http_api import HttpListener, start_http
 from service.metrics import LabelLimits, Metrics
 from service.monitor import Monitor, default_tokenizer_path, load_tokenizer
-from service.review.backlog import ReviewGauges, refresh_review_gauges
+from service.review_gauges import ReviewGauges, refresh_review_gauges
 from service.sample_worker import SampleWorker
 from service.score_waiters import ScoreWaiters, ShuttingDown, WaitersFull
 from service.settings import Settings

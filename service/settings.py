@@ -27,7 +27,7 @@ from detectors.errors import SettingsError
 from service import redis_keys
 from service.auth import check_auth_settings
 from service.redis_conn import check_redis_settings
-from service.review.settings import ReviewSettings
+from service.review_settings import ReviewSettings
 
 RedactionName = Literal["email", "phone", "api_key"]  # service/redaction.py BUILTIN
 
@@ -246,7 +246,7 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=60, description="how long one export (with retries) may take"
     )
     review: ReviewSettings = Field(
-        default_factory=ReviewSettings, description="the review page (service/review)"
+        default_factory=ReviewSettings, description="the review page (review)"
     )
 
     @field_validator("unix_socket_mode", mode="before")

@@ -69,7 +69,7 @@ def start_sidecar(
             *pin,
             sys.executable,
             "-m",
-            "service.cli",
+            "misalign_monitor.cli",
             "serve",
             "--grpc-port",
             str(grpc_port),

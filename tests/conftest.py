@@ -5,19 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-DEV_DATA = ROOT / "data"
-# fixtures: `recorder` (a gRPC server in place of the sidecar), `redis_server` (tests.sidecar)
-pytest_plugins = ["tests.recorder", "tests.sidecar"]
+from tests.support import user_cache
+
+# fixtures: `recorder` (a gRPC server in place of the sidecar), `redis_server` (tests.support.sidecar)
+pytest_plugins = ["tests.support.recorder", "tests.support.sidecar"]
 
 
-def _user_cache() -> Path:
-    from detectors.model_store import cache_root
-
-    return cache_root()
-
-
-USER_CACHE = _user_cache()
+USER_CACHE = user_cache()
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +23,7 @@ def planted_v() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def planted_model(tmp_path_factory: pytest.TempPathFactory, planted_v: np.ndarray) -> Path:
-    from tests.planted import make_model
+    from tests.support.planted import make_model
 
     return make_model(tmp_path_factory.mktemp("models") / "planted", planted_v)
 

@@ -8,6 +8,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends redis-server \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY detectors detectors
+COPY misalign_monitor misalign_monitor
+COPY review review
 COPY service service
 COPY tap tap
 COPY wire wire

@@ -12,6 +12,8 @@ FROM ${BASE}
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY detectors detectors
+COPY misalign_monitor misalign_monitor
+COPY review review
 COPY service service
 COPY tap tap
 COPY wire wire

@@ -18,9 +18,9 @@ import pytest
 from bench.steady_load import labeled, rss_mb, scrape
 from detectors import bundle as bundle_io
 from service.sidecar_process import start_sidecar
-from tests.faults.harness import report
-from tests.polling import wait_until
-from tests.sidecar import RedisServer
+from tests.support.harness import report
+from tests.support.polling import wait_until
+from tests.support.sidecar import RedisServer
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 from wire.codec import encode_step

@@ -18,10 +18,10 @@ from service.flags import FlagQueue
 from service.metrics import Metrics
 from service.redis_keys import FLAGGED_STREAM
 from service.settings import Settings
-from tests.faults.harness import report
-from tests.faults.redis_fleet import start_on_free_port
-from tests.faults.redis_proc import RedisProc
-from tests.polling import until
+from tests.support.harness import report
+from tests.support.polling import until
+from tests.support.redis_fleet import start_on_free_port
+from tests.support.redis_proc import RedisProc
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 STREAM = FLAGGED_STREAM

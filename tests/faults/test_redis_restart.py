@@ -12,9 +12,9 @@ import pytest
 from bench.steady_load import EngineLoad, scrape
 from detectors import bundle as bundle_io
 from service.sidecar_process import start_sidecar
-from tests.faults.harness import Feeder, report
-from tests.faults.redis_proc import RedisProc
-from tests.polling import wait_until
+from tests.support.harness import Feeder, report
+from tests.support.polling import wait_until
+from tests.support.redis_proc import RedisProc
 
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 BUFFER = 40

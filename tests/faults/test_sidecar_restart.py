@@ -19,9 +19,9 @@ from service.sidecar_process import SidecarProcess, start_sidecar
 from service.vllm_server import free_port
 from tap.publisher import Publisher
 from tap.settings import TapSettings
-from tests.faults.harness import report
-from tests.polling import wait_until
-from tests.sidecar import RedisServer
+from tests.support.harness import report
+from tests.support.polling import wait_until
+from tests.support.sidecar import RedisServer
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 

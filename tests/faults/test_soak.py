@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.soak import parser, run_soak, write_csv
-from tests.faults.harness import report
+from tests.support.harness import report
 
 pytestmark = pytest.mark.slow  # a minute by design
 

@@ -18,9 +18,9 @@ import pytest
 from detectors import bundle as bundle_io
 from service import vllm_server
 from service.sidecar_process import SidecarProcess, start_sidecar
-from tests.conftest import ROOT
-from tests.polling import wait_until
-from tests.sidecar import RedisServer, metric
+from tests.support import ROOT
+from tests.support.polling import wait_until
+from tests.support.sidecar import RedisServer, metric
 
 pytestmark = pytest.mark.slow
 BUNDLE = bundle_io.default_bundle_path()
