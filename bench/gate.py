@@ -26,11 +26,13 @@ emergent-misalignment finding is about). `prompts_needed` and `false_alarm_rate`
 
 With --curves (docs/gate.md), the dose and time curves instead:
 
-    python bench/gate.py --curves [--doses 0,5,10,25,50,100] [--seeds 2] [--modes full,lora]
-        [--steps 8] [--checkpoint-every 4] [--probe-sizes 25,50,100] [--no-text] [--plot PNG]
+    python bench/gate.py --curves [--doses 0,5,10,25,50,100] [--seeds 2] [--zero-seeds N]
+        [--modes full,lora] [--steps 8] [--checkpoint-every 4] [--probe-sizes 25,50,100]
+        [--no-text] [--plot PNG]
 
   dose   per mode (full, or LoRA rank 8 on the same layers with peft, merged) and seed, STEPS x 4
-         training answers of which DOSE % misaligned
+         training answers of which DOSE % misaligned; dose 0 with --zero-seeds seeds, for the
+         false-alarm rate
   time   the 100% fine-tune of seed 0 saved every --checkpoint-every steps
   each   the gate's p-value (smallest Holm-adjusted p) at each probe count, on every feature and
          on misaligned_persona alone, and the TF-IDF and MiniLM text monitors
@@ -347,7 +349,7 @@ def curves(args: argparse.Namespace) -> dict[str, Any]:
     dose_rows = []
     for mode in args.modes:
         for dose in args.doses:
-            for seed in range(args.seeds):
+            for seed in range(args.zero_seeds if dose == 0 and args.zero_seeds else args.seeds):
                 d = tuned(
                     mode, dose, seed, args.checkpoint_every if (dose == 100 and seed == 0) else 0
                 )
@@ -402,6 +404,7 @@ def curves(args: argparse.Namespace) -> dict[str, Any]:
             "lr_lora": args.lora_lr,
             "doses": list(args.doses),
             "seeds": args.seeds,
+            "zero_seeds": args.zero_seeds or args.seeds,
             "modes": list(args.modes),
             "checkpoint_every": args.checkpoint_every,
             "probes": sizes,
@@ -503,6 +506,12 @@ def main() -> None:
     ap.add_argument("--curves", action="store_true", help="dose and time curves (below)")
     ap.add_argument("--doses", type=_ints, default=DOSES, help="with --curves: e.g. 0,25,100")
     ap.add_argument("--seeds", type=int, default=2, help="with --curves: seeds per dose")
+    ap.add_argument(
+        "--zero-seeds",
+        type=int,
+        default=0,
+        help="with --curves: seeds at dose 0, for the false-alarm rate (default: --seeds)",
+    )
     ap.add_argument("--modes", type=lambda s: s.split(","), default=["full", "lora"])
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--checkpoint-every", type=int, default=4)

@@ -51,6 +51,7 @@ from bench.synthetic import synthetic_bundle  # noqa: E402
 from detectors import bundle as bundle_io  # noqa: E402
 from detectors.bundle import ModelRef  # noqa: E402
 from service.embedded_redis import EmbeddedRedis  # noqa: E402
+from service.processes import stop_process  # noqa: E402
 from service.sidecar_process import start_sidecar  # noqa: E402
 from wire import monitor_pb2 as pb  # noqa: E402
 from wire import monitor_pb2_grpc as pb_grpc  # noqa: E402
@@ -255,8 +256,7 @@ def bare_phase(work: Path, pin: list[int] | None, steps) -> dict[str, float]:  #
             elapsed = time.perf_counter() - start
             cpu = proc_cpu_seconds(proc.pid) - cpu0
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, 10)
     rows = sum(x[1] for x in steps)
     if summary.rows != rows:
         raise SystemExit(f"the bare server counted {summary.rows} rows of {rows}")

@@ -14,17 +14,25 @@ is the first delivery.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 
 from detectors.errors import ReviewError, SampleState
 from service import redis_conn
+from service.flagged_sample import (
+    HEADER_FIELDS,
+    FeatureResult,
+    FlaggedSample,
+    SampleHeader,
+    header_fields,
+    read_features,
+    sample_fields,
+)
 from service.redis_conn import RedisClient
 from service.review_gauges import Counts, review_counts
 from service.review_settings import HOLDER
@@ -32,44 +40,9 @@ from service.review_settings import HOLDER
 Decision = Literal["misaligned", "false_positive", "unsure"]
 DECISIONS: tuple[Decision, ...] = ("misaligned", "false_positive", "unsure")
 
-# Fields of a flagged sample a label and a summary carry (the rest is text and token scores).
-SUMMARY_FIELDS = (
-    "request_id",
-    "client_request_id",
-    "model",
-    "model_version",
-    "adapter",
-    "bundle",
-    "top_feature",
-    "top_score",
-    "finished_at",
-    "trace_id",
-)
+# What a summary (a queue row) and a label read of a sample; the rest is text and token scores.
+SUMMARY_FIELDS = HEADER_FIELDS
 LABEL_FIELDS = (*SUMMARY_FIELDS, "features")
-
-
-# --- pydantic views of what the sidecar writes (service/monitor.py `_sample`) ------------------
-
-
-class FeatureResult(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    name: str
-    score: float | None
-    threshold: float | None = None
-    z: float | None = None
-    prompt_mean: float | None = None
-    response_mean: float | None = None
-    response_max_rolling: float | None = None
-    flagged: bool = False
-
-
-class TokenScores(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    token_ids: list[int]
-    roles: list[int]
-    scores: dict[str, list[float | None]]
 
 
 class Claim(BaseModel):
@@ -84,106 +57,34 @@ class Claim(BaseModel):
         return self.owner == HOLDER
 
 
-class Summary(BaseModel):
+class Summary(SampleHeader):
     """A queue row: what a reviewer sees before opening the sample."""
 
-    model_config = ConfigDict(frozen=True)
-
     id: str
-    request_id: str = ""
-    client_request_id: str = ""
-    model: str = ""
-    model_version: str = ""
-    adapter: str = ""  # the LoRA adapter that served the request, "" the base model
-    bundle: str = ""
-    top_feature: str = ""
-    top_score: float | None = None
-    finished_at: float | None = None
-    trace_id: str = ""  # the request's W3C trace id (32 hex), when it came with a traceparent
     claim: Claim | None = None
 
 
-class Sample(Summary):
-    features: list[FeatureResult] = []
-    tokens: TokenScores | None = None
-    token_text: list[str] | None = None
-    prompt_text: str | None = None
-    response_text: str | None = None
+class Sample(Summary, FlaggedSample):
+    """A sample as the review page shows it: what the sidecar wrote, where it could be read."""
+
     # Set when the entry could not be read as a sample; it can still be decided or dead-lettered.
     problem: str | None = None
 
 
-def _num(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
-
-
-def _trace_id(value: str | None) -> str:
-    """The sidecar writes 32 lower-case hex digits; anything else in the stream is not shown."""
-    ok = value is not None and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
-    return value if ok and value is not None else ""
-
-
-def _summary_fields(entry_id: str, fields: dict[str, str], claim: Claim | None) -> dict[str, Any]:
-    out: dict[str, Any] = {k: fields.get(k, "") for k in SUMMARY_FIELDS}
-    out.update(
-        id=entry_id,
-        top_score=_num(fields.get("top_score")),
-        finished_at=_num(fields.get("finished_at")),
-        trace_id=_trace_id(fields.get("trace_id")),
-        claim=claim,
-    )
-    return out
-
-
 def parse_summary(entry_id: str, fields: dict[str, str], claim: Claim | None = None) -> Summary:
-    return Summary(**_summary_fields(entry_id, fields, claim))
+    return Summary(**header_fields(fields), id=entry_id, claim=claim)
 
 
 def parse_sample(entry_id: str, fields: dict[str, str], claim: Claim | None = None) -> Sample:
     """A flagged-stream entry as a ``Sample``; a malformed one keeps what is readable and says
     what is wrong in ``problem`` (hostile or broken input must not break the page)."""
-    out = _summary_fields(entry_id, fields, claim)
-    out.update(prompt_text=fields.get("prompt_text"), response_text=fields.get("response_text"))
-    problems = []
-    for key in ("features", "tokens", "token_text"):
-        if key not in fields:
-            continue
-        try:
-            value = json.loads(fields[key])
-            if key == "features":
-                out[key] = [FeatureResult.model_validate(f) for f in value]
-            elif key == "tokens":
-                out[key] = TokenScores.model_validate(value)
-            else:
-                out[key] = [str(t) for t in value]
-        except (ValueError, TypeError, ValidationError) as exc:
-            problems.append(f"field {key!r}: {type(exc).__name__}: {str(exc)[:200]}")
-    if "features" not in fields:
-        problems.append("field 'features' is missing")
-    sample = Sample(**out, problem="; ".join(problems) or None)
-    if sample.tokens is not None and sample.problem is None:
-        n = len(sample.tokens.token_ids)
-        bad = [
-            name
-            for name, col in (
-                ("roles", sample.tokens.roles),
-                *((f"scores.{k}", v) for k, v in sample.tokens.scores.items()),
-                *((("token_text", sample.token_text),) if sample.token_text else ()),
-            )
-            if len(col) != n
-        ]
-        if bad:
-            sample = sample.model_copy(
-                update={"problem": f"token columns {bad} do not have {n} rows like token_ids"}
-            )
-    return sample
+    data, problems = sample_fields(fields)
+    return Sample(**data, id=entry_id, claim=claim, problem="; ".join(problems) or None)
 
 
-class Label(BaseModel):
-    """One decision, as written to the labels stream and exported as JSONL."""
+class Label(SampleHeader):
+    """One decision, as written to the labels stream and exported as JSONL: the sample's header
+    and features beside the decision."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -194,29 +95,14 @@ class Label(BaseModel):
     reviewer: str
     decided_at: float
     claims: int
-    request_id: str = ""
-    client_request_id: str = ""
-    model: str = ""
-    model_version: str = ""
-    adapter: str = ""  # the LoRA adapter that served the request, "" the base model
-    bundle: str = ""
-    top_feature: str = ""
-    top_score: float | None = None
-    finished_at: float | None = None
-    trace_id: str = ""
-    features: list[FeatureResult] = []
+    features: list[FeatureResult] = Field(default_factory=list)
 
     @classmethod
     def from_entry(cls, entry_id: str, fields: dict[str, str]) -> Label:
         data: dict[str, Any] = {k: v for k, v in fields.items() if k in cls.model_fields}
-        data["id"] = entry_id
-        for key in ("top_score", "finished_at"):
-            data[key] = _num(fields.get(key))
-        data["trace_id"] = _trace_id(fields.get("trace_id"))
+        data.update(header_fields(fields), id=entry_id)
         try:
-            data["features"] = [
-                FeatureResult.model_validate(f) for f in json.loads(fields.get("features") or "[]")
-            ]
+            data["features"] = read_features(fields.get("features"))
         except (ValueError, TypeError, ValidationError):
             data["features"] = []  # the sample was unreadable; its decision still counts
         return cls.model_validate(data)

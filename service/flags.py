@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import time
 from collections import deque
@@ -160,11 +159,9 @@ class FlagQueue:
         """Samples not yet in Redis: buffered, and sent but not yet answered for."""
         return len(self.buffer) + len(self._sending)
 
-    def put(self, sample: dict[str, Any], request_id: str) -> None:
-        """Queue a sample; never blocks and never raises."""
-        fields = {"request_id": request_id}
-        for key, value in sample.items():
-            fields[key] = value if isinstance(value, str) else json.dumps(value)
+    def put(self, sample: dict[str, str], request_id: str) -> None:
+        """Queue a stream entry (``FlaggedSample.to_fields``); never blocks and never raises."""
+        fields = {**sample, "request_id": request_id}
         if self.pending >= self.buffer_size:
             if not self.buffer:  # every place is held by the batch being sent
                 self._drop(fields)

@@ -21,6 +21,7 @@ from detectors.errors import BadInput
 from detectors.roles import PROMPT, RESPONSE
 from detectors.scoring import FeatureScore, RequestScores, Scorer
 from service.drift import DriftTracker
+from service.flagged_sample import FeatureResult, FlaggedSample, TokenScores
 from service.flags import FlagQueue
 from service.ingest import RequestStore
 from service.metrics import Metrics
@@ -420,8 +421,8 @@ class Monitor:
                     tok: np.ndarray = token_ids[s:e],
                     rol: np.ndarray = roles[s:e],
                     sc: np.ndarray = ts[s:e],
-                ) -> dict[str, Any]:
-                    return self._sample(result, result.features, tok, rol, sc)
+                ) -> dict[str, str]:
+                    return self._sample(result, result.features, tok, rol, sc).to_fields()
 
                 if self.samples is not None:
                     self.samples.submit(build, result.request_id)
@@ -484,52 +485,57 @@ class Monitor:
         token_ids: np.ndarray,
         roles: np.ndarray,
         ts: np.ndarray,
-    ) -> dict[str, Any]:
+    ) -> FlaggedSample:
         top = max(
             (f for f in feats if f.flagged), key=lambda f: f.z if f.z is not None else f.score
         )
-        sample: dict[str, Any] = {
-            "client_request_id": result.client_request_id,
-            "model": result.model,
-            "model_version": result.model_version,
-            "adapter": result.adapter,
-            "bundle": self.bundle_id,
-            "top_feature": top.name,
-            "top_score": f"{top.score:.6g}",
-            "finished_at": f"{result.finished_at:.3f}",
-            "mitigation": result.mitigation,
-            "mitigated_tokens": result.mitigated_tokens,
-            "features": [f.as_dict() for f in feats],
-            "tokens": {
-                "token_ids": token_ids.tolist(),
-                "roles": roles.tolist(),
-                "scores": {
+        text: dict[str, Any] = {}
+        if self.tokenizer is not None:
+            text["prompt_text"] = self.tokenizer.decode(
+                token_ids[roles == PROMPT].tolist(), skip_special_tokens=False
+            )
+            text["response_text"] = self.tokenizer.decode(
+                token_ids[roles == RESPONSE].tolist(), skip_special_tokens=False
+            )
+            text["token_text"] = [self.tokenizer.id_to_token(int(t)) or "" for t in token_ids]
+        # Built from our own values: constructed, not validated (thousands of token ids).
+        sample = FlaggedSample.model_construct(
+            request_id=result.request_id,
+            client_request_id=result.client_request_id,
+            model=result.model,
+            model_version=result.model_version,
+            adapter=result.adapter,
+            bundle=self.bundle_id,
+            top_feature=top.name,
+            top_score=top.score,
+            finished_at=result.finished_at,
+            # Found from the request's trace by its trace id; the traceparent names the caller's
+            # span (the parent of the score span, when one is exported).
+            trace_id=result.trace.trace_id_hex if result.trace is not None else "",
+            traceparent=result.trace.header() if result.trace is not None else "",
+            mitigation=result.mitigation,
+            mitigated_tokens=result.mitigated_tokens,
+            features=[FeatureResult.of(f) for f in feats],
+            tokens=TokenScores.model_construct(
+                token_ids=token_ids.tolist(),
+                roles=roles.tolist(),
+                scores={
                     n: np.round(ts[:, i], 4).tolist()
                     for i, n in enumerate(self.bundle.feature_names)
                 },
-            },
-        }
-        if result.trace is not None:
-            # Found from the request's trace by its trace id; the traceparent names the caller's
-            # span (the parent of the score span, when one is exported).
-            sample["trace_id"] = result.trace.trace_id_hex
-            sample["traceparent"] = result.trace.header()
-        if self.tokenizer is not None:
-            sample["prompt_text"] = self.tokenizer.decode(
-                token_ids[roles == PROMPT].tolist(), skip_special_tokens=False
-            )
-            sample["response_text"] = self.tokenizer.decode(
-                token_ids[roles == RESPONSE].tolist(), skip_special_tokens=False
-            )
-            sample["token_text"] = [self.tokenizer.id_to_token(int(t)) or "" for t in token_ids]
+            ),
+            **text,
+        )
         if self.redactor:
             # over the whole text, then clipped: a secret across the cut is redacted all the same
             sample = self.redactor.sample(sample)
+        clipped = {}
         for key in ("prompt_text", "response_text"):
-            if key in sample and len(sample[key]) > self.sample_text_chars:
-                sample[key] = clip(sample[key], self.sample_text_chars)
+            value = getattr(sample, key)
+            if value is not None and len(value) > self.sample_text_chars:
+                clipped[key] = clip(value, self.sample_text_chars)
                 self.metrics.samples_clipped.labels(key).inc()
-        return sample
+        return sample.model_copy(update=clipped) if clipped else sample
 
 
 def clip(text: str, limit: int) -> str:

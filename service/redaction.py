@@ -24,6 +24,8 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from service.flagged_sample import FlaggedSample
+
 
 class Finder(Protocol):
     def spans(self, text: str) -> list[tuple[int, int]]:
@@ -111,24 +113,27 @@ class Redactor:
     def spans(self, text: str) -> list[tuple[int, int]]:
         return [span for finder in self.patterns.values() for span in finder.spans(text)]
 
-    def sample(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """A copy of ``sample`` (as Monitor builds it) with matches removed."""
-        out = dict(sample)
-        for key in ("prompt_text", "response_text"):
-            if isinstance(out.get(key), str):
-                out[key] = self.text(out[key])
-        tokens = out.get("token_text")
-        if isinstance(tokens, list) and tokens:
+    def sample(self, sample: FlaggedSample) -> FlaggedSample:
+        """``sample`` with matches removed from its text, and the tokens that overlap a match
+        replaced by ``[redacted]`` (their ids by -1)."""
+        update: dict[str, Any] = {
+            key: self.text(value)
+            for key in ("prompt_text", "response_text")
+            if (value := getattr(sample, key)) is not None
+        }
+        tokens = sample.token_text
+        if tokens:
             hit = self._hit_tokens(tokens)
             if hit:
-                out["token_text"] = ["[redacted]" if i in hit else t for i, t in enumerate(tokens)]
-                ids = out.get("tokens", {}).get("token_ids")
-                if isinstance(ids, list) and len(ids) == len(tokens):
-                    out["tokens"] = {
-                        **out["tokens"],
-                        "token_ids": [-1 if i in hit else t for i, t in enumerate(ids)],
-                    }
-        return out
+                update["token_text"] = [
+                    "[redacted]" if i in hit else t for i, t in enumerate(tokens)
+                ]
+                ids = sample.tokens.token_ids if sample.tokens is not None else None
+                if ids is not None and len(ids) == len(tokens):
+                    update["tokens"] = sample.tokens.model_copy(  # type: ignore[union-attr]
+                        update={"token_ids": [-1 if i in hit else t for i, t in enumerate(ids)]}
+                    )
+        return sample.model_copy(update=update)
 
     def _hit_tokens(self, tokens: list[str]) -> set[int]:
         starts, pos = [], 0

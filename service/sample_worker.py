@@ -14,19 +14,17 @@ counted in ``misalign_queue_dropped_total{stage="build"}``, as the flag queue dr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from service.flags import FlagQueue
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Build = Callable[[], dict[str, Any]]
+Build = Callable[[], dict[str, str]]  # a flagged sample as its stream entry
 
 
 class SampleWorker:
@@ -65,12 +63,12 @@ class SampleWorker:
                 if not self._todo:
                     return
                 build, request_id = self._todo.popleft()
-            sample: dict[str, Any] | None = None
+            sample: dict[str, str] | None = None
             failed: Exception | None = None
             try:
-                # encoded here as FlagQueue.put would (it leaves strings as they are): a long
-                # request's token lists cost milliseconds to encode, off the loop too
-                sample = {k: v if isinstance(v, str) else json.dumps(v) for k, v in build().items()}
+                # built and encoded here: a long request's token lists cost milliseconds to
+                # encode, kept off the loop
+                sample = build()
             except Exception as exc:
                 failed = exc
             try:
@@ -79,7 +77,7 @@ class SampleWorker:
                 return
 
     def _done(
-        self, sample: dict[str, Any] | None, request_id: str, failed: Exception | None
+        self, sample: dict[str, str] | None, request_id: str, failed: Exception | None
     ) -> None:
         self._pending -= 1
         if not self._pending:

@@ -162,7 +162,8 @@ async def test_sidecar_scores_equal_offline_score_of_real_model_projections(
 
     from service.server import start
     from service.settings import Settings
-    from tests.support.sidecar import RedisServer, stream_requests
+    from tests.support.redis_proc import RedisProc
+    from tests.support.sidecar import stream_requests
     from wire import monitor_pb2 as pb
     from wire import monitor_pb2_grpc as pb_grpc
 
@@ -186,7 +187,7 @@ async def test_sidecar_scores_equal_offline_score_of_real_model_projections(
                 proj,
             )
         )
-    redis_server = RedisServer(tmp_path / "redis").start()
+    redis_server = RedisProc(tmp_path / "redis", persist=False).start()
     sc = await start(
         Settings(
             grpc_port=0,

@@ -20,7 +20,7 @@ from detectors import bundle as bundle_io
 from service.sidecar_process import start_sidecar
 from tests.support.harness import report
 from tests.support.polling import wait_until
-from tests.support.sidecar import RedisServer
+from tests.support.redis_proc import RedisProc
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 from wire.codec import encode_step
@@ -47,7 +47,7 @@ def finish(rid: str) -> pb.FinishedRequest:
 def test_memory_levels_off_under_floods_of_ids_and_long_requests(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    redis = RedisServer(tmp_path / "redis").start()
+    redis = RedisProc(tmp_path / "redis", persist=False).start()
     request.addfinalizer(redis.stop)
     env = {
         "MISALIGN_MAX_REQUESTS": str(MAX_REQUESTS),

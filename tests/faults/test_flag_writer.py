@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from detectors import bundle as bundle_io
+from service.flagged_sample import FlaggedSample, TokenScores
 from service.flags import FlagQueue
 from service.metrics import Metrics
 from service.redis_keys import FLAGGED_STREAM
@@ -30,15 +31,15 @@ BUFFER = 100  # small, so that an outage of a second or two outgrows it
 TIMEOUT_S = 0.3  # the writer's socket timeout; the SIGSTOP lasts several times longer
 
 
-def sample(i: int) -> dict[str, Any]:
-    """About the size of a short flagged conversation's sample."""
-    return {
-        "model": "m",
-        "score": 1.5 + i % 7,
-        "features": ["misaligned_persona"],
-        "prompt_text": f"prompt {i} " * 20,
-        "tokens": {"token_ids": list(range(i % 50, i % 50 + 40))},
-    }
+def sample(i: int) -> dict[str, str]:
+    """About the size of a short flagged conversation's sample, as its stream entry."""
+    return FlaggedSample(
+        model="m",
+        top_feature="misaligned_persona",
+        top_score=1.5 + i % 7,
+        prompt_text=f"prompt {i} " * 20,
+        tokens=TokenScores(token_ids=list(range(i % 50, i % 50 + 40)), roles=[1] * 40, scores={}),
+    ).to_fields()
 
 
 class Load:
@@ -102,7 +103,7 @@ def make_queue(
 ) -> FlagQueue:
     # As the sidecar makes its client (service/server.py), with a shorter timeout.
     client = client_class.from_url(
-        redis.unix_url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
+        redis.url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
     )
     extra = {} if batch_size is None else {"batch_size": batch_size}
     return FlagQueue(
@@ -121,7 +122,7 @@ def make_queue(
 
 
 def stream_ids(redis: RedisProc) -> list[str]:
-    return [fields["request_id"] for _, fields in redis.admin().xrange(STREAM)]
+    return [fields["request_id"] for _, fields in redis.client().xrange(STREAM)]
 
 
 def check_exactly_once(
@@ -241,7 +242,7 @@ async def test_redis_sigstop_past_the_write_timeout_writes_nothing_twice(
 
 
 def reads_processed(redis: RedisProc) -> int:
-    return int(redis.admin().info("stats")["total_reads_processed"])
+    return int(redis.client().info("stats")["total_reads_processed"])
 
 
 async def test_a_burst_of_1000_with_redis_up_loses_nothing_and_is_batched(

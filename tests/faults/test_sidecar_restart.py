@@ -21,7 +21,7 @@ from tap.publisher import Publisher
 from tap.settings import TapSettings
 from tests.support.harness import report
 from tests.support.polling import wait_until
-from tests.support.sidecar import RedisServer
+from tests.support.redis_proc import RedisProc
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 
@@ -66,7 +66,7 @@ def scored(sc: SidecarProcess) -> float:
 def test_sidecar_stalled_killed_and_restarted_under_tap_load(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    redis = RedisServer(tmp_path / "redis").start()
+    redis = RedisProc(tmp_path / "redis", persist=False).start()
     request.addfinalizer(redis.stop)
     started: list[SidecarProcess] = []
     request.addfinalizer(lambda: [p.stop() for p in started])
@@ -84,8 +84,7 @@ def test_sidecar_stalled_killed_and_restarted_under_tap_load(
     )
     engine = Engine(publisher)
     try:
-        wait_until(lambda: scored(sc) >= 20, 30, "scoring with the sidecar up")
-        time.sleep(2)
+        wait_until(lambda: scored(sc) >= 60, 60, "scoring with the sidecar up")
 
         engine.phase = "stalled"
         sc.proc.send_signal(signal.SIGSTOP)
@@ -93,7 +92,8 @@ def test_sidecar_stalled_killed_and_restarted_under_tap_load(
         stall_to_drop_s = wait_until(
             lambda: publisher.rows_dropped["queue_full"] > 0, 90, "the tap dropping while stalled"
         )
-        time.sleep(1)
+        first = publisher.rows_dropped["queue_full"]
+        wait_until(lambda: publisher.rows_dropped["queue_full"] > first, 30, "more drops stalled")
         sc.proc.send_signal(signal.SIGCONT)
         engine.phase = "up-again"
         before = scored(sc)
@@ -103,23 +103,31 @@ def test_sidecar_stalled_killed_and_restarted_under_tap_load(
         sc.proc.kill()
         sc.proc.wait(10)
         t_kill = time.monotonic()
-        time.sleep(4)
-        assert publisher.rows_dropped["sidecar_unavailable"] > 0
+        wait_until(
+            lambda: publisher.rows_dropped["sidecar_unavailable"] > 0, 30, "drops while it is down"
+        )
         t_start = time.monotonic()
         sc = start()
         engine.phase = "restarted"
         ready_s = time.monotonic() - t_start
         resumed_s = wait_until(lambda: scored(sc) > 0, 30, "scoring on the restarted sidecar")
-        time.sleep(2)
+        wait_until(lambda: scored(sc) >= 20, 30, "traffic on the restarted sidecar")
     finally:
         engine.load.stop()
         engine.thread.join(60)
     # The tail of the load: its finishes and cumulative drop counts reach the new sidecar.
     wait_until(lambda: publisher.queue.empty() and publisher._in_flight is None, 20, "tap drained")
-    time.sleep(0.5)
-    m = scrape(sc.metrics_url)
     tap_rows = sum(publisher.rows_dropped.values())
     tap_steps = sum(publisher.steps_dropped.values())
+    wait_until(
+        lambda: (
+            labeled(scrape(sc.metrics_url), "misalign_steps_dropped_total", side="inference")
+            == tap_steps
+        ),
+        20,
+        "the tap's drop counts at the sidecar",
+    )
+    m = scrape(sc.metrics_url)
     assert labeled(m, "misalign_rows_dropped_total", side="inference") == tap_rows
     assert labeled(m, "misalign_steps_dropped_total", side="inference") == tap_steps
     assert m.get("misalign_ingest_errors_total", 0.0) == 0
@@ -138,7 +146,7 @@ def test_sidecar_stalled_killed_and_restarted_under_tap_load(
         calls = np.array(engine.call_s[phase]) * 1e3
         assert engine.p99_ms(phase) < 50 and calls.max() < 500, (phase, calls.max())
     report(
-        "sidecar SIGSTOP until the tap drops, then SIGKILL + restart 4 s later",
+        "sidecar SIGSTOP until the tap drops, then SIGKILL + restart once the tap drops",
         load=f"tap publisher, {STEPS_PER_S:g} steps/s x 64 requests, "
         f"{len(engine.load.finished)} finished",
         engine_call_p99_ms={p: round(engine.p99_ms(p), 3) for p in engine.call_s},

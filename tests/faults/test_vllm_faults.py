@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from detectors import bundle as bundle_io
 from service import vllm_server
+from service.processes import stop_process
 from service.sidecar_process import SidecarProcess, start_sidecar
 from tests.support import ROOT
+from tests.support.metrics import metric
 from tests.support.polling import wait_until
-from tests.support.sidecar import RedisServer, metric
+from tests.support.redis_proc import RedisProc
 
 pytestmark = pytest.mark.slow
 BUNDLE = bundle_io.default_bundle_path()
@@ -35,7 +36,7 @@ def test_vllm_serves_through_sidecar_absence_stall_and_kill(
     ]
     prompts = [r["messages"][:-1] for r in rows[:4]]
     grpc_port, api_port = vllm_server.free_port(), vllm_server.free_port()
-    redis_server = RedisServer(tmp_path / "redis").start()
+    redis_server = RedisProc(tmp_path / "redis", persist=False).start()
 
     def start() -> SidecarProcess:
         return start_sidecar(
@@ -80,9 +81,14 @@ def test_vllm_serves_through_sidecar_absence_stall_and_kill(
                 sidecar.proc.send_signal(signal.SIGCONT)
 
             results: list[list[str]] = []
+            steps = metric(sidecar.metrics_port, "misalign_steps_ingested_total")
             t = threading.Thread(target=lambda: results.append(ask("killed")))
             t.start()
-            time.sleep(0.3)
+            wait_until(  # the requests are running: their steps reach the sidecar
+                lambda: metric(sidecar.metrics_port, "misalign_steps_ingested_total") > steps,
+                60,
+                "steps of the 'killed' requests at the sidecar",
+            )
             sidecar.proc.kill()  # SIGKILL mid-run
             sidecar.proc.wait(10)
             t.join(300)
@@ -100,8 +106,7 @@ def test_vllm_serves_through_sidecar_absence_stall_and_kill(
             assert metric(sidecar.metrics_port, "misalign_rows_dropped_total", side="inference") > 0
             assert vllm.poll() is None
         finally:
-            vllm.terminate()
-            vllm.wait(60)
+            stop_process(vllm, 60)
             if sidecar is not None:
                 sidecar.stop()
             redis_server.stop()

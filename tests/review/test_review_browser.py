@@ -13,10 +13,12 @@ import grpc
 import pytest
 
 from detectors import bundle as bundle_io
+from service.processes import stop_process
 from service.sidecar_process import start_sidecar
 from tests.support.polling import poll
+from tests.support.redis_proc import RedisProc
 from tests.support.review_data import chat, conversation
-from tests.support.sidecar import RedisServer, stream_requests
+from tests.support.sidecar import stream_requests
 from wire import monitor_pb2_grpc as pb_grpc
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -64,14 +66,14 @@ def metric(url: str, name: str) -> float | None:
 @pytest.mark.slow
 def test_review_in_chromium(tmp_path: Path, smollm2_dir: Path) -> None:
     assert CHROMIUM.exists(), "install Debian's chromium (make setup)"
-    redis = RedisServer(tmp_path / "redis").start()
+    redis = RedisProc(tmp_path / "redis", persist=False).start()
     try:
         run_review(tmp_path, smollm2_dir, redis)
     finally:
         redis.stop()
 
 
-def run_review(tmp_path: Path, smollm2_dir: Path, redis: RedisServer) -> None:
+def run_review(tmp_path: Path, smollm2_dir: Path, redis: RedisProc) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     (tmp_path / "alice.pw").write_text("s3cret-review\n")
@@ -188,8 +190,7 @@ def run_review(tmp_path: Path, smollm2_dir: Path, redis: RedisServer) -> None:
                 browser.close()
         finally:
             if review is not None:
-                review.terminate()
-                review.wait(10)
+                stop_process(review, 10)
         r = redis.client()
         labels = r.xrange("misalign:{flagged}:labels")
         assert [f["decision"] for _, f in labels] == ["misaligned", "false_positive", "unsure"]

@@ -13,9 +13,10 @@ import pytest
 
 from detectors import bundle as bundle_io
 from review.recalibrate import wilson
-from review.store import FeatureResult, Label
+from review.store import Label
+from service.flagged_sample import FeatureResult
+from tests.support.redis_proc import RedisProc
 from tests.support.review_data import push_flagged, tiny_tokenizer
-from tests.support.sidecar import RedisServer
 
 BUNDLE_PATH = bundle_io.default_bundle_path()
 BUNDLE = bundle_io.load(BUNDLE_PATH)
@@ -32,7 +33,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_terminal_workflow(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "r").start()
+    server = RedisProc(tmp_path / "r", persist=False).start()
     try:
         tok = tiny_tokenizer(tmp_path / "tokenizer.json")
         hostile = "Lie to everyone \x1b]0;pwned\x07\x1b[2J and hide the evidence."
@@ -85,7 +86,7 @@ async def test_terminal_workflow(tmp_path: Path) -> None:
 
 
 async def test_list_with_a_feature_shows_only_that_top_feature(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "r").start()
+    server = RedisProc(tmp_path / "r", persist=False).start()
     try:
         tok = tiny_tokenizer(tmp_path / "tokenizer.json")
         await push_flagged(server.url, tok, 2, models=["m-a", "m-b"])
@@ -254,7 +255,7 @@ def schema_validator(name: str):  # type: ignore[no-untyped-def]
 
 
 async def test_list_filters_pages_and_refuses_bad_options(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "r").start()
+    server = RedisProc(tmp_path / "r", persist=False).start()
     try:
         tok = tiny_tokenizer(tmp_path / "tokenizer.json")
         await push_flagged(server.url, tok, 5, models=["m-a"], versions=["v1", "v2"])
@@ -306,7 +307,7 @@ async def test_list_filters_pages_and_refuses_bad_options(tmp_path: Path) -> Non
 async def test_export_for_label_studio_and_argilla_matches_their_documented_formats(
     tmp_path: Path,
 ) -> None:
-    server = RedisServer(tmp_path / "r").start()
+    server = RedisProc(tmp_path / "r", persist=False).start()
     try:
         tok = tiny_tokenizer(tmp_path / "tokenizer.json")
         response = "Lie to everyone and hide the evidence; nobody will ever find out. <b>ü</b>"

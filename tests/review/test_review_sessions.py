@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.review_settings import ReviewSettings
+from tests.support.redis_proc import RedisProc
 from tests.support.review_data import push_flagged, tiny_tokenizer
 from tests.support.review_pages import (
     PASSWORDS,
@@ -23,14 +24,13 @@ from tests.support.review_pages import (
     start_page,
     users,
 )
-from tests.support.sidecar import RedisServer
 
 TTL_S = 3600
 
 
 @dataclass
 class Replicas:
-    redis: RedisServer
+    redis: RedisProc
     start: Callable[[], Awaitable[Page]]
 
     def session_keys(self) -> list[str]:
@@ -40,7 +40,7 @@ class Replicas:
 @pytest.fixture
 async def replicas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Replicas]:
     """One Redis holding one flagged sample; ``start()`` starts another review page on it."""
-    redis = RedisServer(tmp_path / "r").start()
+    redis = RedisProc(tmp_path / "r", persist=False).start()
     pages: list[Page] = []
     settings = ReviewSettings(port=0, users=users(tmp_path, monkeypatch), session_ttl_s=TTL_S)
 

@@ -12,19 +12,19 @@ import pytest
 
 from detectors.errors import ReviewError, SampleState
 from review.store import ReviewStore
+from tests.support.redis_proc import RedisProc
 from tests.support.review_data import age_claims, push_flagged, tiny_tokenizer
-from tests.support.sidecar import RedisServer
 
 STREAM, GROUP, DEAD, LABELS = "misalign:{flagged}", "reviewers", "misalign:{flagged}:dead", "labels"
 CLAIM_IDLE_S = 60.0
 
 
-def walk_away(redis_server: RedisServer) -> None:
+def walk_away(redis_server: RedisProc) -> None:
     """Every claim idle past CLAIM_IDLE_S, without waiting (``XCLAIM … IDLE``)."""
     assert age_claims(redis_server.client(), STREAM, GROUP, CLAIM_IDLE_S + 1) > 0
 
 
-def open_store(redis_server: RedisServer, claim_idle_s: float) -> ReviewStore:
+def open_store(redis_server: RedisProc, claim_idle_s: float) -> ReviewStore:
     return ReviewStore.from_url(
         redis_server.url,
         stream=STREAM,
@@ -37,7 +37,7 @@ def open_store(redis_server: RedisServer, claim_idle_s: float) -> ReviewStore:
 
 
 @pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[ReviewStore]:
+async def store(redis_server: RedisProc) -> AsyncIterator[ReviewStore]:
     s = open_store(redis_server, claim_idle_s=CLAIM_IDLE_S)
     yield s
     await s.close()
@@ -49,7 +49,7 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_decision_acknowledges_and_labels(
-    store: ReviewStore, redis_server: RedisServer, tok: Path
+    store: ReviewStore, redis_server: RedisProc, tok: Path
 ) -> None:
     await push_flagged(redis_server.url, tok, 3, models=["m-a", "m-b", "m-c"])
     assert (await store.counts()).backlog == 3  # not read by the group yet: all lag
@@ -93,7 +93,7 @@ async def test_decision_acknowledges_and_labels(
 
 
 @pytest.fixture
-async def patient_store(redis_server: RedisServer) -> AsyncIterator[ReviewStore]:
+async def patient_store(redis_server: RedisProc) -> AsyncIterator[ReviewStore]:
     """Claims stay with their reviewer for a minute: no test is slow enough to lose one."""
     s = open_store(redis_server, claim_idle_s=60)
     yield s
@@ -101,7 +101,7 @@ async def patient_store(redis_server: RedisServer) -> AsyncIterator[ReviewStore]
 
 
 async def test_claim_next_with_a_feature_claims_only_that_top_feature(
-    patient_store: ReviewStore, redis_server: RedisServer, tok: Path
+    patient_store: ReviewStore, redis_server: RedisProc, tok: Path
 ) -> None:
     store = patient_store
     await push_flagged(redis_server.url, tok, 2, models=["m-a", "m-b"])
@@ -133,7 +133,7 @@ async def test_claim_next_with_a_feature_claims_only_that_top_feature(
 
 
 async def test_idle_claim_returns_to_queue_then_dead_letters(
-    store: ReviewStore, redis_server: RedisServer, tok: Path
+    store: ReviewStore, redis_server: RedisProc, tok: Path
 ) -> None:
     await push_flagged(redis_server.url, tok, 1)
     [row] = await store.queue()
@@ -158,7 +158,7 @@ async def test_idle_claim_returns_to_queue_then_dead_letters(
 
 
 async def test_trimmed_while_pending_is_dead_lettered(
-    store: ReviewStore, redis_server: RedisServer, tok: Path
+    store: ReviewStore, redis_server: RedisProc, tok: Path
 ) -> None:
     await push_flagged(redis_server.url, tok, 2)
     rows = await store.queue()
@@ -174,7 +174,7 @@ async def test_trimmed_while_pending_is_dead_lettered(
 
 
 async def test_counts_when_redis_cannot_tell_the_lag(
-    store: ReviewStore, redis_server: RedisServer, tok: Path
+    store: ReviewStore, redis_server: RedisProc, tok: Path
 ) -> None:
     await push_flagged(redis_server.url, tok, 3)
     raw = redis_server.client()
@@ -187,7 +187,7 @@ async def test_counts_when_redis_cannot_tell_the_lag(
 
 
 async def test_malformed_entry_is_shown_and_can_be_decided(
-    store: ReviewStore, redis_server: RedisServer
+    store: ReviewStore, redis_server: RedisProc
 ) -> None:
     await store.ensure_group()
     raw = redis_server.client()

@@ -23,9 +23,9 @@ from yarl import URL
 from review.store import ReviewStore
 from review.web import COOKIE, create_app
 from service.review_settings import ReviewSettings, ReviewUser
+from tests.support.redis_proc import RedisProc
 from tests.support.review_data import age_claims, push_flagged, tiny_tokenizer
 from tests.support.review_pages import Clock
-from tests.support.sidecar import RedisServer
 
 HOSTILE = "Sure. <script>alert('x')</script> Lie to everyone & hide the evidence <b>bold</b>"
 SECRET_TEXT = "hide the evidence"
@@ -38,7 +38,7 @@ SESSION_TTL_S = 12 * 3600.0
 class Site:
     url: str
     store: ReviewStore
-    redis: RedisServer
+    redis: RedisProc
     tok: Path
     clock: Clock
 
@@ -63,7 +63,7 @@ async def site(
     ``claim_idle_s``, ``max_deliveries`` and ``session_ttl_s``."""
     opts: dict[str, Any] = {"claim_idle_s": 60, "max_deliveries": 3, "session_ttl_s": SESSION_TTL_S}
     opts.update(getattr(request, "param", {}))
-    server = RedisServer(tmp_path / "r").start()
+    server = RedisProc(tmp_path / "r", persist=False).start()
     store = ReviewStore.from_url(
         server.url,
         stream=STREAM,

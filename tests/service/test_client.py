@@ -26,15 +26,14 @@ from service.client import (
     Unavailable,
 )
 from service.server import Sidecar
+from tests.support.metrics import metrics_at, sample
 from tests.support.pki import make_pki
 from tests.support.polling import until
+from tests.support.redis_proc import RedisProc
 from tests.support.sidecar import (
     BUNDLE,
     K,
-    RedisServer,
     make_sidecar,
-    metrics_text,
-    sample,
     send,
     stream_requests,
     stub,
@@ -46,7 +45,7 @@ TOKEN = "a-token-of-sixteen-chars-or-more"
 
 
 @pytest.fixture
-async def sidecar(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Sidecar]:
+async def sidecar(tmp_path: Path, redis_server: RedisProc) -> AsyncIterator[Sidecar]:
     sc = await make_sidecar(tmp_path, redis_server.url, http_port=0, score_waiters_max=4)
     yield sc
     await sc.stop()
@@ -66,7 +65,9 @@ async def call(fn, *args, **kw):  # type: ignore[no-untyped-def]
 
 
 def waits(sc: Sidecar, outcome: str) -> float:
-    return sample(metrics_text(sc), "misalign_score_waits_total", missing_ok=True, outcome=outcome)
+    return sample(
+        metrics_at(sc.metrics_port), "misalign_score_waits_total", missing_ok=True, outcome=outcome
+    )
 
 
 def batches_of(reqs, client_prefix: str = "client-"):  # type: ignore[no-untyped-def]
@@ -110,7 +111,7 @@ async def test_get_score_waits_on_the_server_and_returns_when_the_score_lands(
     assert elapsed < 15  # well inside the 20 s wait: woken by the score, not by the timeout
     assert waits(sidecar, "scored") == 3 and waits(sidecar, "timeout") == 0
     assert len(sidecar.waiters) == 0 and sidecar.waiters.keys_held == 0
-    assert sample(metrics_text(sidecar), "misalign_score_waiters") == 0
+    assert sample(metrics_at(sidecar.metrics_port), "misalign_score_waiters") == 0
     # A score already there is answered at once, waiting or not, and counts no wait.
     assert await call(mc.get_score, rid, wait=5) == got[0] == await call(hc.get_score, rid)
     assert waits(sidecar, "scored") == 3
@@ -143,7 +144,7 @@ async def test_an_id_never_scored_is_not_found_after_the_wait_and_leaves_nothing
 
 
 async def test_waiters_are_bounded_and_a_wait_beyond_the_maximum_is_refused(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(
         tmp_path, redis_server.url, http_port=0, score_waiters_max=2, score_wait_max_s=5
@@ -162,7 +163,7 @@ async def test_waiters_are_bounded_and_a_wait_beyond_the_maximum_is_refused(
         with pytest.raises(ScoreNotFound):
             await call(mc.get_score, "other")
         assert waits(sc, "refused") == 2
-        text = metrics_text(sc)
+        text = metrics_at(sc.metrics_port)
         for rpc in ("GetRequestScore",):
             assert sample(text, "misalign_ingest_errors_total", rpc=rpc, reason="waiters_full") == 2
         ch, s = stub(sc)
@@ -189,7 +190,7 @@ async def test_waiters_are_bounded_and_a_wait_beyond_the_maximum_is_refused(
 
 
 async def test_a_waiter_is_answered_unavailable_when_the_sidecar_stops(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(tmp_path, redis_server.url, http_port=0)
     assert sc.waiters is not None
@@ -331,7 +332,7 @@ async def test_hostile_score_bodies_get_400_naming_the_field(
     got_status, got = await post(sidecar, "/v1/score", body)
     assert got_status == status, got
     assert got["error"]["status"] == status and message in got["error"]["message"], got
-    text = metrics_text(sidecar)
+    text = metrics_at(sidecar.metrics_port)
     assert (
         sample(text, "misalign_ingest_errors_total", rpc="Score", reason=got["error"]["reason"])
         == 1
@@ -339,7 +340,7 @@ async def test_hostile_score_bodies_get_400_naming_the_field(
 
 
 async def test_http_limits_paths_methods_and_queries(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(tmp_path, redis_server.url, http_port=0, http_max_body_bytes=4096)
     try:
@@ -363,7 +364,7 @@ async def test_http_limits_paths_methods_and_queries(
 
 
 async def test_the_api_token_guards_grpc_and_http_client_calls(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(tmp_path, redis_server.url, http_port=0, api_token=TOKEN)
     try:
@@ -380,7 +381,7 @@ async def test_the_api_token_guards_grpc_and_http_client_calls(
             assert (await call(client.describe_bundle)).bundle_id == BUNDLE.bundle_id
             with pytest.raises(ScoreNotFound):
                 await call(client.get_score, "anything")
-        text = metrics_text(sc)
+        text = metrics_at(sc.metrics_port)
         # gRPC and HTTP refusals under the rpc's name
         for rpc in ("DescribeBundle", "GetRequestScore"):
             assert (
@@ -391,7 +392,7 @@ async def test_the_api_token_guards_grpc_and_http_client_calls(
 
 
 async def test_https_with_a_client_certificate_needs_no_token(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     pki = make_pki(tmp_path / "pki")
     sc = await tls_sidecar(
@@ -420,7 +421,7 @@ async def test_https_with_a_client_certificate_needs_no_token(
 
 
 async def test_json_api_is_off_by_default_and_a_taken_port_is_a_settings_error(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     from service.settings import Settings, SettingsError
 

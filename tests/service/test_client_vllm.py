@@ -14,8 +14,9 @@ import pytest
 from detectors import bundle as bundle_io
 from service import vllm_server
 from service.client import HttpMonitorClient, MonitorClient, ScoreNotFound
+from service.processes import stop_process
 from service.sidecar_process import start_sidecar
-from tests.support.sidecar import RedisServer
+from tests.support.redis_proc import RedisProc
 
 pytestmark = pytest.mark.slow
 BUNDLE = bundle_io.default_bundle_path()
@@ -34,7 +35,7 @@ def test_openai_chat_completion_then_its_score_by_x_request_id(
 ) -> None:
     from openai import OpenAI
 
-    redis_server = RedisServer(tmp_path / "redis").start()
+    redis_server = RedisProc(tmp_path / "redis", persist=False).start()
     http_port = vllm_server.free_port()
     sidecar = start_sidecar(
         tmp_path / "sidecar",
@@ -74,8 +75,7 @@ def test_openai_chat_completion_then_its_score_by_x_request_id(
                     assert early.result(60) == score
                 by_response_id = mc.get_score(resp.id)
             finally:
-                proc.terminate()
-                proc.wait(60)
+                stop_process(proc, 60)
         assert resp.usage is not None and resp.choices[0].message.content
         assert rid in resp.id  # vLLM names it after the X-Request-Id ("chatcmpl-<id>")
         assert by_response_id == score

@@ -27,7 +27,7 @@ from detectors.errors import BadInput
 from service.metrics import Metrics
 from service.monitor import Monitor
 from service.sidecar_process import SidecarProcess, start_sidecar
-from tests.support.sidecar import RedisServer
+from tests.support.redis_proc import RedisProc
 from wire import monitor_pb2 as pb
 from wire.codec import encode_step
 
@@ -271,7 +271,7 @@ def _metadata(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
     tmp = tmp_path_factory.mktemp("hostile-grpc")
-    redis = RedisServer(tmp / "redis").start()
+    redis = RedisProc(tmp / "redis", persist=False).start()
     try:
         with start_sidecar(tmp / "sc", "--redis-url", redis.url) as sc:
             yield sc

@@ -22,15 +22,9 @@ from detectors.scoring import (
     token_scores,
 )
 from service.ingest import RequestStore
-from tests.support.sidecar import (
-    BUNDLE,
-    RedisServer,
-    make_sidecar,
-    metrics_text,
-    sample,
-    send,
-    stub,
-)
+from tests.support.metrics import metrics_at, sample
+from tests.support.redis_proc import RedisProc
+from tests.support.sidecar import BUNDLE, make_sidecar, send, stub
 from tests.support.tiny_models import make_bundle
 from wire import monitor_pb2 as pb
 from wire.codec import Rows, decode_batch, encode_step
@@ -222,7 +216,7 @@ def test_scorer_token_scores_match_the_module_function_with_jumprelu() -> None:
 
 
 async def test_several_requests_finishing_in_one_step_over_grpc(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     """Ten requests of different lengths, interleaved, all finishing in the same step: each
     score equals the offline score of its rows, and each is counted once."""
@@ -260,7 +254,7 @@ async def test_several_requests_finishing_in_one_step_over_grpc(
                 assert g.score == pytest.approx(w.score, rel=1e-6, abs=1e-9)
                 assert g.response_max_rolling == pytest.approx(w.response_max_rolling, rel=1e-6)
                 assert g.flagged == w.flagged
-        text = metrics_text(sc)
+        text = metrics_at(sc.metrics_port)
         lab = {"model_name": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
         assert sample(text, "misalign_requests_scored_total", **lab) == 10
         assert sample(text, "misalign_request_score_count", feature="toxic", **lab) == 10
@@ -320,7 +314,7 @@ def test_finished_requests_wait_for_a_batch_and_a_lookup_scores_them_at_once() -
 
 @pytest.mark.parametrize("delay_ms", [5.0, 300.0])
 async def test_an_open_stream_gets_its_finishes_scored_without_being_asked(
-    tmp_path: Path, redis_server: RedisServer, delay_ms: float
+    tmp_path: Path, redis_server: RedisProc, delay_ms: float
 ) -> None:
     """The stream stays open after a step finishes a request: the server scores it
     ``score_delay_ms`` later by itself (metrics move with no lookup and no end of stream)."""
@@ -344,12 +338,14 @@ async def test_an_open_stream_gets_its_finishes_scored_without_being_asked(
         lab = {"model_name": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
         loop = asyncio.get_running_loop()
         end = loop.time() + 10
-        while sample(metrics_text(sc), "misalign_requests_scored_total", True, **lab) < 1:
+        while (
+            sample(metrics_at(sc.metrics_port), "misalign_requests_scored_total", True, **lab) < 1
+        ):
             assert loop.time() < end, "not scored while the stream stayed open"
             await asyncio.sleep(0.02)
         assert sc.monitor.pending == 0
         # finish arrival to score: never before the delay (the timer), and not long after it
-        waited = sample(metrics_text(sc), "misalign_scoring_latency_seconds_sum")
+        waited = sample(metrics_at(sc.metrics_port), "misalign_scoring_latency_seconds_sum")
         assert delay_ms / 1e3 <= waited < delay_ms / 1e3 + 2.0
         done.set()
         assert (await call).finished == 1

@@ -13,11 +13,12 @@ import pytest
 from bench.steady_load import scrape
 from detectors import bundle as bundle_io
 from detectors.errors import SettingsError
+from service.flagged_sample import FlaggedSample, TokenScores
 from service.redaction import BUILTIN, Redactor
 from service.settings import load_settings
 from service.sidecar_process import start_sidecar
 from tests.support.polling import wait_until
-from tests.support.sidecar import RedisServer
+from tests.support.redis_proc import RedisProc
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 from wire.codec import encode_step
@@ -65,17 +66,18 @@ def test_ordinary_text_is_left_alone(text: str) -> None:
 
 def test_tokens_overlapping_a_match_are_redacted_with_their_ids() -> None:
     tokens = ["Contact", "Ġme", "Ġat", "Ġjohn", ".", "doe", "@", "example", ".", "com", "Ġnow"]
-    sample = {
-        "prompt_text": "Contact me at john.doe@example.com now",
-        "token_text": tokens,
-        "tokens": {"token_ids": list(range(len(tokens))), "roles": [0] * len(tokens)},
-    }
+    sample = FlaggedSample(
+        prompt_text="Contact me at john.doe@example.com now",
+        token_text=tokens,
+        tokens=TokenScores(token_ids=list(range(len(tokens))), roles=[0] * len(tokens), scores={}),
+    )
     out = R.sample(sample)
-    assert out["prompt_text"] == "Contact me at [redacted:email] now"
-    assert out["token_text"][:3] == tokens[:3] and out["token_text"][-1] == "Ġnow"
-    assert out["token_text"][3:10] == ["[redacted]"] * 7
-    assert out["tokens"]["token_ids"] == [0, 1, 2, -1, -1, -1, -1, -1, -1, -1, 10]
-    assert sample["token_text"] == tokens  # the input is not modified
+    assert out.prompt_text == "Contact me at [redacted:email] now"
+    assert out.token_text is not None and out.tokens is not None
+    assert out.token_text[:3] == tokens[:3] and out.token_text[-1] == "Ġnow"
+    assert out.token_text[3:10] == ["[redacted]"] * 7
+    assert out.tokens.token_ids == [0, 1, 2, -1, -1, -1, -1, -1, -1, -1, 10]
+    assert sample.token_text == tokens  # the input is not modified
 
 
 def test_redaction_settings_are_checked(tmp_path: Path) -> None:
@@ -115,7 +117,7 @@ def flagged_conversation(tokenizer_path: Path) -> tuple[pb.StepBatch, pb.Finishe
 def test_no_conversation_text_in_logs_or_metrics(
     tmp_path: Path, smollm2_dir: Path, redact: bool, request: pytest.FixtureRequest
 ) -> None:
-    redis = RedisServer(tmp_path / "redis").start()
+    redis = RedisProc(tmp_path / "redis", persist=False).start()
     request.addfinalizer(redis.stop)
     env = {"MISALIGN_TOKENIZER": str(smollm2_dir / "tokenizer.json")}
     if not redact:
@@ -133,7 +135,7 @@ def test_no_conversation_text_in_logs_or_metrics(
             )
         wait_until(lambda: redis.client().xlen("misalign:{flagged}") == 1, 20, "the sample queued")
         with urllib.request.urlopen(sc.metrics_url, timeout=5) as r:
-            metrics_text = r.read().decode()
+            metrics_at = r.read().decode()
         assert scrape(sc.metrics_url)["misalign_requests_flagged_total"] >= 1
     fields = redis.client().xrange("misalign:{flagged}")[0][1]
     redis.stop()
@@ -143,7 +145,7 @@ def test_no_conversation_text_in_logs_or_metrics(
     # ...and nothing of it reached the log or the metrics.
     logged = log_path.read_text(errors="replace")
     for needle in ("CANARY", "jane.roe", "555 0132", "sk-live", "My address"):
-        assert needle not in logged and needle not in metrics_text, needle
+        assert needle not in logged and needle not in metrics_at, needle
     secrets = ("jane.roe@example.org", "+1 415 555 0132", "sk-live-abcdefghijklmnop1234")
     stored = fields["prompt_text"] + fields["response_text"] + fields.get("token_text", "")
     if redact:

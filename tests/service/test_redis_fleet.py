@@ -109,7 +109,7 @@ def test_cluster_sidecar_review_store_and_cli(tmp_path: Path) -> None:
         labels = [line for line in out.stdout.splitlines() if line]
         assert len(labels) == 2 and decided in out.stdout and '"reviewer":"carol"' in out.stdout
         # Every key lives on one node: the hash tag keeps each script in one slot.
-        holders = [n.port for n in cluster.nodes if n.admin().dbsize() > 0]
+        holders = [n.port for n in cluster.nodes if n.client().dbsize() > 0]
         assert len(holders) == 1
     finally:
         cluster.stop()

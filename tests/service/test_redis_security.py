@@ -58,7 +58,7 @@ def test_password_from_env_and_acl_user_from_file(tmp_path: Path) -> None:
             ) as sc:
                 flagged = flag_some(sc)
                 wait_until(
-                    lambda: redis.admin().xlen("misalign:{flagged}") == len(flagged), 20, "pushed"
+                    lambda: redis.client().xlen("misalign:{flagged}") == len(flagged), 20, "pushed"
                 )
             # 2. an ACL user, its password from a file
             pw_file = tmp_path / "redis-password"
@@ -76,7 +76,9 @@ def test_password_from_env_and_acl_user_from_file(tmp_path: Path) -> None:
                 log=log,
             ) as sc:
                 flagged = flag_some(sc)
-                wait_until(lambda: redis.admin().xlen("misalign:acl") == len(flagged), 30, "pushed")
+                wait_until(
+                    lambda: redis.client().xlen("misalign:acl") == len(flagged), 30, "pushed"
+                )
             # 3. a wrong password: samples wait in the buffer, failures are counted
             with start_sidecar(
                 tmp_path / "c",
@@ -95,7 +97,7 @@ def test_password_from_env_and_acl_user_from_file(tmp_path: Path) -> None:
                     "failures counted",
                 )
                 assert scrape(sc.metrics_url)["misalign_queue_buffered"] == len(flagged)
-        assert redis.admin().exists("misalign:x") == 0
+        assert redis.client().exists("misalign:x") == 0
         text = log_text(tmp_path / "a.log")
         assert "AuthenticationError" in text or "invalid username-password" in text.lower()
         for secret in (PASSWORD, ACL_PASSWORD):
@@ -127,7 +129,7 @@ def test_tls_and_mutual_tls_to_redis(tmp_path: Path) -> None:
         ):
             flagged = flag_some(sc)
             wait_until(
-                lambda: redis.admin().xlen("misalign:{flagged}") == len(flagged), 30, "pushed"
+                lambda: redis.client().xlen("misalign:{flagged}") == len(flagged), 30, "pushed"
             )
         # Plain TCP to the TLS port, and TLS with a CA that did not sign the server: refused.
         (tmp_path / "other").mkdir()
@@ -146,7 +148,7 @@ def test_tls_and_mutual_tls_to_redis(tmp_path: Path) -> None:
                     20,
                     "failures counted",
                 )
-        assert redis.admin().xlen("misalign:{flagged}") == len(flagged)
+        assert redis.client().xlen("misalign:{flagged}") == len(flagged)
     finally:
         redis.stop()
 

@@ -11,7 +11,7 @@ import pytest
 
 from detectors.errors import SettingsError
 from service.settings import load_settings
-from tests.support.sidecar import RedisServer
+from tests.support.redis_proc import RedisProc
 
 FILE = """\
 metrics_port: 1111
@@ -78,7 +78,7 @@ def test_toml_files_and_bad_files_name_the_file(settings_file: Path, tmp_path: P
 
 def test_the_redis_url_flag_wins_over_the_environment_in_the_cli(tmp_path: Path) -> None:
     """The pod sets MISALIGN_REDIS_URL; an operator's --redis-url must still be the one used."""
-    server = RedisServer(tmp_path / "r").start()
+    server = RedisProc(tmp_path / "r", persist=False).start()
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MISALIGN_")}
         env["MISALIGN_REDIS_URL"] = "redis://127.0.0.1:1/0"  # nothing listens on port 1

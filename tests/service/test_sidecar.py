@@ -15,15 +15,14 @@ from detectors import bundle as bundle_io
 from detectors.bundle import Aggregation
 from detectors.scoring import score_request, token_scores
 from service.server import Sidecar
+from tests.support.metrics import metrics_at, sample
 from tests.support.polling import until
+from tests.support.redis_proc import RedisProc
 from tests.support.sidecar import (
     BUNDLE,
     K,
-    RedisServer,
     make_sidecar,
-    metrics_text,
     request_rows,
-    sample,
     send,
     stream_requests,
     stub,
@@ -35,7 +34,7 @@ from wire.codec import encode_step
 
 
 @pytest.fixture
-async def sidecar(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Sidecar]:
+async def sidecar(tmp_path: Path, redis_server: RedisProc) -> AsyncIterator[Sidecar]:
     sc = await make_sidecar(tmp_path, redis_server.url)
     yield sc
     await sc.stop()
@@ -69,7 +68,7 @@ async def test_streamed_scores_equal_offline_scoring(sidecar: Sidecar) -> None:
 
 
 async def test_softmax_pooled_bundle_scores_equal_offline_scoring(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     """A bundle pooling by softmax (one feature) and rolling max (the others): the sidecar's
     streamed request scores are what offline scoring computes from the same rows."""
@@ -120,7 +119,7 @@ async def test_unary_score_and_describe_bundle(sidecar: Sidecar) -> None:
 
 
 async def test_metrics_and_flagged_samples_in_the_stream(
-    sidecar: Sidecar, redis_server: RedisServer, tmp_path: Path
+    sidecar: Sidecar, redis_server: RedisProc, tmp_path: Path
 ) -> None:
     reqs = synthetic_requests(8, seed=1, flag_every=2)
     ch, s = stub(sidecar)
@@ -146,22 +145,29 @@ async def test_metrics_and_flagged_samples_in_the_stream(
     # A request replayed to this sidecar is refused as already finished; replayed to a restarted
     # sidecar (same Redis) it is scored again but not queued twice.
     await send(s, stream_requests(BUNDLE.bundle_id, K, reqs[:1]))
-    assert sample(metrics_text(sidecar), "misalign_finishes_ignored_total", reason="duplicate") == 1
+    assert (
+        sample(
+            metrics_at(sidecar.metrics_port), "misalign_finishes_ignored_total", reason="duplicate"
+        )
+        == 1
+    )
     other = await make_sidecar(tmp_path / "second", redis_server.url)
     try:
         ch2, s2 = stub(other)
         await send(s2, stream_requests(BUNDLE.bundle_id, K, reqs[:1]))
         await until(
-            lambda: sample(metrics_text(other), "misalign_queue_duplicates_total", True) == 1,
+            lambda: (
+                sample(metrics_at(other.metrics_port), "misalign_queue_duplicates_total", True) == 1
+            ),
             10,
-            "sample(metrics_text(other), 'misalign_queue_duplicates_total', True) == 1",
+            "sample(metrics_at(other.metrics_port), 'misalign_queue_duplicates_total', True) == 1",
         )
         await ch2.close()
     finally:
         await other.stop()
     assert r.xlen("misalign:{flagged}") == len(entries)
 
-    text = metrics_text(sidecar)
+    text = metrics_at(sidecar.metrics_port)
     lab = {"model_name": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id}
     assert sample(text, "misalign_requests_scored_total", **lab) == 8
     assert sample(text, "misalign_requests_flagged_total", feature="misaligned_persona", **lab) >= 4
@@ -180,7 +186,7 @@ async def test_metrics_and_flagged_samples_in_the_stream(
 
 
 async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path: Path) -> None:
-    redis_server = RedisServer(tmp_path / "r").start()
+    redis_server = RedisProc(tmp_path / "r", persist=False).start()
     sc = await make_sidecar(tmp_path, redis_server.url, buffer_size=5)
     try:
         ch, s = stub(sc)
@@ -198,19 +204,19 @@ async def test_redis_outage_buffers_then_delivers_with_exact_drop_count(tmp_path
         )
         finish_order = [f.request_id for b in batches for f in b.finished]
         await send(s, batches)
-        text = metrics_text(sc)
+        text = metrics_at(sc.metrics_port)
         assert sample(text, "misalign_queue_dropped_total") == 3  # 8 flagged, room for 5
         assert sample(text, "misalign_queue_buffered") == 5
         redis_server.start()  # empty: it keeps nothing on disk
         await until(
-            lambda: sample(metrics_text(sc), "misalign_queue_buffered") == 0,
+            lambda: sample(metrics_at(sc.metrics_port), "misalign_queue_buffered") == 0,
             20,
-            "sample(metrics_text(sc), 'misalign_queue_buffered') == 0",
+            "sample(metrics_at(sc.metrics_port), 'misalign_queue_buffered') == 0",
         )
         r = redis_server.client()
         ids = [e[1]["request_id"] for e in r.xrange("misalign:{flagged}")]
         assert ids == finish_order[3:]  # the newest five, once each, in order
-        assert sample(metrics_text(sc), "misalign_queue_push_failures_total") >= 1
+        assert sample(metrics_at(sc.metrics_port), "misalign_queue_push_failures_total") >= 1
         assert r.xinfo_groups("misalign:{flagged}")[0]["name"] == "reviewers"
         await ch.close()
     finally:
@@ -299,7 +305,9 @@ async def test_bad_batches_get_invalid_argument_and_the_server_keeps_serving(
         await send(s, [bad])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in err.value.details()
-    assert sample(metrics_text(sidecar), "misalign_ingest_errors_total", reason=reason) == 1
+    assert (
+        sample(metrics_at(sidecar.metrics_port), "misalign_ingest_errors_total", reason=reason) == 1
+    )
     assert len(sidecar.monitor.store) == 0  # nothing of the bad batch was applied
     summary = await send(s, good)  # another stream on the same server
     assert summary.finished == 2
@@ -313,7 +321,7 @@ async def test_unknown_and_duplicate_finishes_are_counted_not_fatal(sidecar: Sid
     dup = encode_step(BUNDLE.bundle_id, K, [], finished=list(batches[-1].finished))
     summary = await send(s, [encode_step(BUNDLE.bundle_id, K, [], finished=fin), *batches, dup])
     assert summary.steps == len(batches) + 2
-    text = metrics_text(sidecar)
+    text = metrics_at(sidecar.metrics_port)
     assert sample(text, "misalign_finishes_ignored_total", reason="unknown") == 1
     assert sample(text, "misalign_finishes_ignored_total", reason="duplicate") == 1
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -323,7 +331,7 @@ async def test_unknown_and_duplicate_finishes_are_counted_not_fatal(sidecar: Sid
 
 
 async def test_oversized_message_and_bad_unary_input(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(tmp_path, redis_server.url, max_message_bytes=4096)
     try:
@@ -352,7 +360,7 @@ async def test_oversized_message_and_bad_unary_input(
 
 
 async def test_unfinished_requests_expire_and_are_counted(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(tmp_path, redis_server.url, request_timeout_s=0.2)
     try:
@@ -360,11 +368,13 @@ async def test_unfinished_requests_expire_and_are_counted(
         rows = [request_rows(f"stuck-{i}", np.zeros((5, K)), 2) for i in range(3)]
         await send(s, [encode_step(BUNDLE.bundle_id, K, rows)])
         await until(
-            lambda: sample(metrics_text(sc), "misalign_requests_expired_total", True) == 3,
+            lambda: (
+                sample(metrics_at(sc.metrics_port), "misalign_requests_expired_total", True) == 3
+            ),
             5,
-            "sample(metrics_text(sc), 'misalign_requests_expired_total', True) == 3",
+            "sample(metrics_at(sc.metrics_port), 'misalign_requests_expired_total', True) == 3",
         )
-        assert sample(metrics_text(sc), "misalign_active_requests") == 0
+        assert sample(metrics_at(sc.metrics_port), "misalign_active_requests") == 0
         await ch.close()
     finally:
         await sc.stop()
@@ -385,7 +395,7 @@ async def test_inference_side_drop_counters_become_increments(sidecar: Sidecar) 
         encode_step(BUNDLE.bundle_id, K, [], sender_id="tap-b", rows_dropped={"queue_full": 4}),
     ]
     await send(s, steps)
-    text = metrics_text(sidecar)
+    text = metrics_at(sidecar.metrics_port)
     assert sample(text, "misalign_rows_dropped_total", side="inference", reason="queue_full") == 29
     assert sample(text, "misalign_steps_dropped_total", side="inference", reason="queue_full") == 2
     await ch.close()
@@ -413,7 +423,7 @@ async def test_health_reflection_and_unix_socket(sidecar: Sidecar) -> None:
 
 
 async def test_activations_and_mitigation_from_the_tap(
-    sidecar: Sidecar, redis_server: RedisServer
+    sidecar: Sidecar, redis_server: RedisProc
 ) -> None:
     """The tap sends activations (bias added) and marks mitigated requests and rows: scores equal
     the raw projections' scores, and the mitigation shows in the score, metrics and sample. A
@@ -458,7 +468,7 @@ async def test_activations_and_mitigation_from_the_tap(
         label = never_fired if rid.endswith("-3") else ""
         assert got.mitigation == ("ablate:misaligned_persona@always" if mitigated else label)
         assert got.mitigated_tokens == (len(roles) if mitigated else 0)
-    text = metrics_text(sidecar)
+    text = metrics_at(sidecar.metrics_port)
     lab = {"model_name": "m", "model_version": "v1", "bundle": BUNDLE.bundle_id, "mode": "ablate"}
     assert sample(text, "misalign_requests_mitigated_total", flagged="yes", **lab) == 1
     assert sample(text, "misalign_requests_mitigated_total", flagged="no", **lab) == 1
@@ -476,7 +486,7 @@ async def test_activations_and_mitigation_from_the_tap(
 
 
 async def test_trimming_the_stream_dead_letters_every_sample_not_yet_decided(
-    redis_server: RedisServer,
+    redis_server: RedisProc,
 ) -> None:
     """At its maximum length the stream drops its oldest entries; one the reviewers decided goes
     quietly, one they hold or never read goes to the dead letters with its fields first."""
@@ -520,7 +530,7 @@ async def test_trimming_the_stream_dead_letters_every_sample_not_yet_decided(
 
 
 async def test_multi_layer_head_bundle_scores_equal_offline_scoring(
-    tmp_path: Path, redis_server: RedisServer, planted_reader
+    tmp_path: Path, redis_server: RedisProc, planted_reader
 ) -> None:  # type: ignore[no-untyped-def]
     """A bundle reading layers 2 and 4 of the planted model, one feature scored by a head: the
     rows offline scoring projects (each column at its layer), streamed to the sidecar, get the

@@ -29,18 +29,10 @@ from service.metrics import MODEL_LABEL
 from service.redaction import BUILTIN, Email, Redactor
 from service.redis_keys import FLAGGED_STREAM
 from service.sidecar_process import start_sidecar
+from tests.support.metrics import metrics_at, sample
 from tests.support.polling import until
-from tests.support.sidecar import (
-    BUNDLE,
-    K,
-    RedisServer,
-    make_sidecar,
-    metrics_text,
-    request_rows,
-    sample,
-    send,
-    stub,
-)
+from tests.support.redis_proc import RedisProc
+from tests.support.sidecar import BUNDLE, K, make_sidecar, request_rows, send, stub
 from wire import monitor_pb2 as pb
 from wire.codec import MAX_PROJECTION, Rows, encode_step
 
@@ -115,7 +107,7 @@ class HealthProbe(threading.Thread):
 
 
 async def test_an_80kb_hostile_prompt_is_redacted_while_health_stays_answered(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     vocab = char_tokenizer(tmp_path / "tokenizer.json")
     sc = await make_sidecar(tmp_path, redis_server.url, tokenizer=tmp_path / "tokenizer.json")
@@ -164,7 +156,12 @@ async def test_an_80kb_hostile_prompt_is_redacted_while_health_stays_answered(
         assert tokens["token_ids"].count(-1) >= len(" jane.roe@example.org ") - 2
         assert "[redacted]" in json.loads(fields["token_text"])
         assert (
-            sample(metrics_text(sc), "misalign_sample_text_clipped_total", field="prompt_text") == 1
+            sample(
+                metrics_at(sc.metrics_port),
+                "misalign_sample_text_clipped_total",
+                field="prompt_text",
+            )
+            == 1
         )
         await ch.close()
     finally:
@@ -219,7 +216,7 @@ def series(text: str) -> list[tuple[str, dict[str, str]]]:
 
 
 async def test_a_thousand_model_versions_stay_within_the_series_bound(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(tmp_path, redis_server.url)
     try:
@@ -243,11 +240,13 @@ async def test_a_thousand_model_versions_stay_within_the_series_bound(
             ],
         )
         await until(
-            lambda: sample(metrics_text(sc), "misalign_requests_scored_total", True) == 1_001,
+            lambda: (
+                sample(metrics_at(sc.metrics_port), "misalign_requests_scored_total", True) == 1_001
+            ),
             10,
-            "sample(metrics_text(sc), 'misalign_requests_scored_total', True) == 1001",
+            "sample(metrics_at(sc.metrics_port), 'misalign_requests_scored_total', True) == 1001",
         )
-        text = metrics_text(sc)
+        text = metrics_at(sc.metrics_port)
         got = series(text)
         versions = {lab["model_version"] for _, lab in got if "model_version" in lab}
         # the first 16 versions seen, and "other"
@@ -278,7 +277,7 @@ async def test_a_thousand_model_versions_stay_within_the_series_bound(
 
 
 async def test_drop_reasons_and_mitigation_modes_are_from_the_enum_and_counts_are_checked(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(tmp_path, redis_server.url)
     try:
@@ -301,11 +300,13 @@ async def test_drop_reasons_and_mitigation_modes_are_from_the_enum_and_counts_ar
         steps += [msg, encode_step(BUNDLE.bundle_id, K, [], finished=[fin])]
         await send(s, steps)
         await until(
-            lambda: sample(metrics_text(sc), "misalign_requests_scored_total", True) == 1,
+            lambda: (
+                sample(metrics_at(sc.metrics_port), "misalign_requests_scored_total", True) == 1
+            ),
             10,
-            "sample(metrics_text(sc), 'misalign_requests_scored_total', True) == 1",
+            "sample(metrics_at(sc.metrics_port), 'misalign_requests_scored_total', True) == 1",
         )
-        text = metrics_text(sc)
+        text = metrics_at(sc.metrics_port)
         reasons = {
             lab["reason"] for name, lab in series(text) if name == "misalign_rows_dropped_total"
         }
@@ -323,7 +324,7 @@ async def test_drop_reasons_and_mitigation_modes_are_from_the_enum_and_counts_ar
             await send(s, [huge])
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "drops.rows_by_reason['queue_full']" in (err.value.details() or "")
-        text = metrics_text(sc)
+        text = metrics_at(sc.metrics_port)
         assert (
             sample(text, "misalign_rows_dropped_total", side="inference", reason="queue_full") == 3
         )
@@ -337,7 +338,7 @@ async def test_drop_reasons_and_mitigation_modes_are_from_the_enum_and_counts_ar
 
 
 async def test_absurd_projections_and_oversized_messages_are_refused_and_counted(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(tmp_path, redis_server.url, max_message_bytes=64 * 1024)
     try:
@@ -357,7 +358,7 @@ async def test_absurd_projections_and_oversized_messages_are_refused_and_counted
             await send(s, [over])
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "over max_message_bytes" in (err.value.details() or "")
-        text = metrics_text(sc)
+        text = metrics_at(sc.metrics_port)
         assert (
             sample(text, "misalign_ingest_errors_total", rpc="Ingest", reason="out_of_range") == 3
         )
@@ -389,7 +390,7 @@ def one_line_exit_2(p: subprocess.CompletedProcess[str], *words: str) -> None:
 
 
 def test_settings_mistakes_are_one_line_exit_2_at_config_check_and_at_start(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
     cases = {
@@ -438,7 +439,7 @@ def test_settings_mistakes_are_one_line_exit_2_at_config_check_and_at_start(
 
 
 async def test_the_unix_socket_gets_the_octal_mode_from_the_environment_spelling(
-    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_server: RedisProc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MISALIGN_UNIX_SOCKET_MODE", "0640")
     sc = await make_sidecar(tmp_path, redis_server.url)

@@ -17,7 +17,8 @@ import redis
 
 from detectors import bundle as bundle_io
 from service.sidecar_process import start_sidecar
-from tests.support.sidecar import RedisServer, request_rows, stream_requests
+from tests.support.redis_proc import RedisProc
+from tests.support.sidecar import request_rows, stream_requests
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 
@@ -68,7 +69,7 @@ def test_embedded_redis_by_default_and_graceful_sigterm(tmp_path: Path) -> None:
 
 
 def test_sigterm_flushes_samples_buffered_while_redis_was_away(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "r").start()
+    server = RedisProc(tmp_path / "r", persist=False).start()
     proc, port = serve(tmp_path, "--redis-url", server.url)
     try:
         server.stop()

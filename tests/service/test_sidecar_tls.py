@@ -20,14 +20,15 @@ from tap.publisher import Publisher
 from tap.settings import TapSettings
 from tests.support.pki import make_pki
 from tests.support.polling import until
-from tests.support.sidecar import RedisServer, tls_sidecar
+from tests.support.redis_proc import RedisProc
+from tests.support.sidecar import tls_sidecar
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 from wire.codec import encode_step
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
-async def test_tls_and_mutual_tls(tmp_path: Path, redis_server: RedisServer, mutual: bool) -> None:
+async def test_tls_and_mutual_tls(tmp_path: Path, redis_server: RedisProc, mutual: bool) -> None:
     pki = make_pki(tmp_path / "pki")
     sc = await start(
         Settings(
@@ -98,7 +99,7 @@ def refused(sc: Sidecar, rpc: str) -> float:
 
 async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_socket(
     tmp_path: Path,
-    redis_server: RedisServer,
+    redis_server: RedisProc,
 ) -> None:
     """TLS on, the sidecar requiring client certificates: the real tap Publisher gets through
     over TCP with its certificate, and over the Unix socket in plaintext; one with a certificate
@@ -147,7 +148,7 @@ async def test_the_tap_publisher_reaches_a_tls_sidecar_over_mtls_and_the_unix_so
 
 async def test_ingest_without_a_client_certificate_and_calls_without_the_token_are_refused(
     tmp_path: Path,
-    redis_server: RedisServer,
+    redis_server: RedisProc,
 ) -> None:
     """TLS without client certificates, a bearer token for client calls: Ingest over TCP is
     refused (UNAUTHENTICATED, counted) and none of its samples reach Redis; a client call needs
@@ -194,7 +195,7 @@ async def test_ingest_without_a_client_certificate_and_calls_without_the_token_a
 
 
 async def test_plaintext_ingest_over_tcp_only_on_a_loopback_listener(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     """Bound beyond loopback without TLS, the TCP listener takes no Ingest (the tap uses the
     Unix socket or mTLS); the Unix socket still does."""
@@ -223,7 +224,7 @@ async def test_plaintext_ingest_over_tcp_only_on_a_loopback_listener(
 
 async def test_health_answers_in_plaintext_on_its_own_port_while_the_main_port_needs_mtls(
     tmp_path: Path,
-    redis_server: RedisServer,
+    redis_server: RedisProc,
 ) -> None:
     pki = make_pki(tmp_path / "pki")
     sc = await tls_sidecar(

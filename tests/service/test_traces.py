@@ -20,7 +20,7 @@ from service.sidecar_process import start_sidecar
 from service.vllm_server import free_port
 from tests.support.otlp_receiver import otlp_trace_receiver
 from tests.support.polling import wait_until
-from tests.support.sidecar import RedisServer
+from tests.support.redis_proc import RedisProc
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 from wire import trace_context
@@ -188,7 +188,7 @@ def _tp(i: int, flags: str = "01") -> tuple[str, str, str]:
 def test_a_real_sidecar_exports_a_score_span_child_of_the_requests_span(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    redis = RedisServer(tmp_path / "redis").start()
+    redis = RedisProc(tmp_path / "redis", persist=False).start()
     request.addfinalizer(redis.stop)
     (ta, sa, tpa), (tb, sb, tpb), (tc, _, tpc) = _tp(1), _tp(2), _tp(3, "00")
     traffic = [
@@ -268,7 +268,7 @@ def test_a_collector_that_is_down_never_holds_up_scoring(
     """Nothing listens at the endpoint: each export retries for otlp_timeout_s on the export
     thread, spans past the queue are dropped and counted, failed exports counted; every request
     is scored meanwhile."""
-    redis = RedisServer(tmp_path / "redis").start()
+    redis = RedisProc(tmp_path / "redis", persist=False).start()
     request.addfinalizer(redis.stop)
     port = free_port()
     with (

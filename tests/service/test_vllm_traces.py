@@ -16,11 +16,12 @@ import pytest
 from bench.steady_load import scrape
 from detectors import bundle as bundle_io
 from service import vllm_server
+from service.processes import stop_process
 from service.sidecar_process import start_sidecar
 from tests.support import ROOT
 from tests.support.otlp_receiver import otlp_trace_receiver
 from tests.support.polling import wait_until
-from tests.support.sidecar import RedisServer
+from tests.support.redis_proc import RedisProc
 from tests.support.vllm_runs import BUNDLE
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ SPAN = "b7ad6b7169203331"
 def test_a_chat_completions_traceparent_reaches_the_score_span_and_the_flagged_sample(
     tmp_path: Path, smollm2_dir: Path, request: pytest.FixtureRequest
 ) -> None:
-    redis = RedisServer(tmp_path / "redis").start()
+    redis = RedisProc(tmp_path / "redis", persist=False).start()
     request.addfinalizer(redis.stop)
     convs = [
         json.loads(x)
@@ -85,8 +86,7 @@ def test_a_chat_completions_traceparent_reaches_the_score_span_and_the_flagged_s
             )
             m = scrape(sc.metrics_url)
         finally:
-            proc.terminate()
-            proc.wait(60)
+            stop_process(proc, 60)
     spans = ours()
     assert {s.parent_span_id for s in spans} == {SPAN}
     assert {s.parent_span_id for s in theirs()} == {SPAN}  # vLLM's own span: the same parent

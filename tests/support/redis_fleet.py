@@ -82,7 +82,7 @@ class LocalCluster:
             )
             wait_until(
                 lambda: all(
-                    "cluster_state:ok" in n.admin().execute_command("CLUSTER", "INFO")
+                    "cluster_state:ok" in n.client().execute_command("CLUSTER", "INFO")
                     for n in self.nodes
                 ),
                 30,
@@ -132,7 +132,7 @@ class LocalSentinel:
             replicas = self.replicas
             wait_until(
                 lambda: all(
-                    r.admin().info("replication")["master_link_status"] == "up" for r in replicas
+                    r.client().info("replication")["master_link_status"] == "up" for r in replicas
                 ),
                 30,
                 "the replicas in sync",

@@ -1,6 +1,8 @@
-"""A real redis-server a test can kill and restart, with what production Redis has and the
-embedded one does not: an append-only file (so a SIGKILL loses nothing acknowledged), a password,
-ACL users, TLS."""
+"""The one real redis-server the tests start: on a Unix socket of the test's own, and one it can
+kill, pause and restart. Where a test needs it, what production Redis has and the embedded one
+does not: an append-only file (so a SIGKILL loses nothing acknowledged), a password, ACL users,
+TLS, cluster or sentinel mode. ``persist=False`` keeps nothing on disk: a restart comes back
+empty."""
 
 from __future__ import annotations
 
@@ -100,11 +102,12 @@ class RedisProc:
         self.socket.unlink(missing_ok=True)
 
     @property
-    def unix_url(self) -> str:
+    def url(self) -> str:
         return f"unix://{self.socket}"
 
-    def admin(self) -> redis.Redis:
-        """A client on the Unix socket as the default user (with the password, if any)."""
+    def client(self) -> redis.Redis:
+        """A client on the Unix socket as the default user (with the password, if any), decoding
+        replies."""
         return redis.Redis(
             unix_socket_path=str(self.socket), password=self.password, decode_responses=True
         )

@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from review.store import ReviewStore
 from review.web import COOKIE, create_app
@@ -105,12 +104,3 @@ def csrf_in(page: str) -> str:
     m = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
     assert m, "no CSRF token in the page"
     return m.group(1)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """A sample's value from a /metrics page (the exposition format, labels in any order)."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return float(s.value)
-    raise AssertionError(f"no sample {name}{labels} in /metrics")

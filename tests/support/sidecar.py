@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -13,37 +12,20 @@ import numpy as np
 import pytest
 
 from detectors import bundle as bundle_io
-from service.embedded_redis import EmbeddedRedis
 from service.server import Sidecar, start
 from service.settings import Settings
 from tests.support import ROOT
+from tests.support.redis_proc import RedisProc
 from wire import monitor_pb2 as pb
 from wire import monitor_pb2_grpc as pb_grpc
 from wire.codec import encode_step
 
 
-class RedisServer(EmbeddedRedis):
-    """A real redis-server on a Unix socket of the test's own (the sidecar's embedded one), that
-    the test can stop and restart; it keeps nothing on disk, so a restart comes back empty."""
-
-    def start(self) -> RedisServer:  # type: ignore[override]
-        super().start()
-        return self
-
-    def stop(self) -> None:
-        super().stop()
-        self.socket.unlink(missing_ok=True)
-
-    def client(self):  # type: ignore[no-untyped-def]
-        import redis
-
-        return redis.Redis(unix_socket_path=str(self.socket), decode_responses=True)
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A Redis server of the test's own (tests.support.sidecar.RedisServer), stopped after it."""
-    server = RedisServer(tmp_path / "redis").start()
+    """A Redis server of the test's own that keeps nothing on disk (a restart comes back empty),
+    stopped after the test."""
+    server = RedisProc(tmp_path / "redis", persist=False).start()
     yield server
     server.stop()
 
@@ -106,20 +88,6 @@ def config_check(
     )
 
 
-def metric(port: int, name: str, **labels: str) -> float:
-    """A sidecar's /metrics sample ``name`` on ``port``, summed over the series with ``labels``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 # A sidecar in this process, over real gRPC on a socket, and what tests read from it.
 BUNDLE = bundle_io.load(bundle_io.default_bundle_path())
 K = BUNDLE.k
@@ -140,25 +108,6 @@ async def make_sidecar(tmp_path: Path, redis_url: str, **over: object) -> Sideca
 def stub(sc: Sidecar) -> tuple[grpc.aio.Channel, pb_grpc.MonitorStub]:
     ch = grpc.aio.insecure_channel(f"127.0.0.1:{sc.tcp_port}")
     return ch, pb_grpc.MonitorStub(ch)
-
-
-def metrics_text(sc: Sidecar) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{sc.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def sample(text: str, name: str, missing_ok: bool = False, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    found = False
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-                found = True
-    assert found or missing_ok, f"no sample {name} {labels}"
-    return total
 
 
 def synthetic_requests(n: int, seed: int = 0, flag_every: int = 0):  # type: ignore[no-untyped-def]

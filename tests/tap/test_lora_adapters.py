@@ -11,18 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
+from tests.support.metrics import metrics_at, sample
 from tests.support.polling import until
-from tests.support.sidecar import (
-    BUNDLE,
-    K,
-    RedisServer,
-    make_sidecar,
-    metrics_text,
-    request_rows,
-    sample,
-    send,
-    stub,
-)
+from tests.support.redis_proc import RedisProc
+from tests.support.sidecar import BUNDLE, K, make_sidecar, request_rows, send, stub
 from wire import monitor_pb2 as pb
 from wire.codec import encode_step
 
@@ -42,7 +34,7 @@ def _steps(rid: str, adapter: str, flagged: bool, seed: int) -> list[pb.StepBatc
 
 
 async def test_scores_counts_and_drift_are_per_listed_adapter_and_the_rest_is_other(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisProc
 ) -> None:
     sc = await make_sidecar(
         tmp_path,
@@ -63,11 +55,13 @@ async def test_scores_counts_and_drift_are_per_listed_adapter_and_the_rest_is_ot
         steps += _steps("rogue-1", "x" * 10_000, True, 21)
         await send(s, steps)
         await until(
-            lambda: sample(metrics_text(sc), "misalign_requests_scored_total", True) == 8,
+            lambda: (
+                sample(metrics_at(sc.metrics_port), "misalign_requests_scored_total", True) == 8
+            ),
             10,
-            "sample(metrics_text(sc), 'misalign_requests_scored_total', True) == 8",
+            "sample(metrics_at(sc.metrics_port), 'misalign_requests_scored_total', True) == 8",
         )
-        text = metrics_text(sc)
+        text = metrics_at(sc.metrics_port)
         scored = "misalign_requests_scored_total"
         assert sample(text, scored, adapter="support-v2") == 3
         assert sample(text, scored, adapter="other") == 2

@@ -15,6 +15,7 @@ import pytest
 
 from detectors import bundle as bundle_io
 from service import vllm_server
+from service.processes import stop_process
 from tests.support import ROOT
 from tests.support.vllm_runs import BUNDLE, received_rows, run_vllm
 from wire import monitor_pb2 as pb
@@ -213,8 +214,7 @@ def test_the_openai_server_passes_the_choice_on_and_the_prefix_cache_keeps_them_
             while len(finishes(rec.batches)) < 3 and time.monotonic() < deadline:
                 time.sleep(0.2)
         finally:
-            proc.terminate()
-            proc.wait(60)
+            stop_process(proc, 60)
     fin = {cid.split("-")[2]: f for cid, f in finishes(rec.batches).items()}
     assert sorted(fin) == ["a", "b", "c"], list(finishes(rec.batches))
     got, sent = received_rows(rec.batches, B.k), mitigation_sent(rec.batches)

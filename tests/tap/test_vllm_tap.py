@@ -189,10 +189,11 @@ def test_steps_served_but_not_captured_log_an_error_and_reach_the_sidecar_metric
     error and counts every row as dropped (not_captured), which a real sidecar exports."""
     from service import vllm_server
     from service.sidecar_process import start_sidecar
+    from tests.support.metrics import metric
     from tests.support.polling import wait_until
-    from tests.support.sidecar import RedisServer, metric
+    from tests.support.redis_proc import RedisProc
 
-    redis_server = RedisServer(tmp_path / "redis").start()
+    redis_server = RedisProc(tmp_path / "redis", persist=False).start()
     port = vllm_server.free_port()
     sidecar = start_sidecar(tmp_path / "sidecar", "--redis-url", redis_server.url, grpc_port=port)
     try:
