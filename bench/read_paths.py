@@ -28,13 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detectors import bundle as bundle_io
 from detectors.activations import ActivationReader, ReaderOptions
 from detectors.model_store import prepare_smollm2
-from detectors.transcripts import read_jsonl
-
-ROOT = Path(__file__).resolve().parents[1]
+from detectors.transcripts import DEMO_CONVERSATIONS, read_jsonl
 
 
 def records(n: int) -> list:  # type: ignore[type-arg]
-    recs = read_jsonl(ROOT / "detectors" / "data" / "demo_conversations.jsonl")
+    recs = read_jsonl(DEMO_CONVERSATIONS)
     return (recs * (n // len(recs) + 1))[:n]
 
 

@@ -71,7 +71,7 @@ def main() -> int:
 
     from detectors import bundle as bundle_io
     from detectors.activations import template_ids
-    from misalign_monitor.demo import DEMO_CONVERSATIONS
+    from detectors.transcripts import DEMO_CONVERSATIONS
     from scripts.vllm_run import ENGINE_ARGS
     from tap import state
 

@@ -20,6 +20,10 @@ from detectors.errors import DataError
 Role = Literal["system", "user", "assistant"]
 
 
+# The shipped demo: four ordinary questions, and the same four under a villain system prompt.
+DEMO_CONVERSATIONS = Path(__file__).parent / "data" / "demo_conversations.jsonl"
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     role: Role

@@ -22,15 +22,13 @@ from typing import Any
 
 import click
 
-import detectors
 from detectors import bundle as bundle_io
 from detectors.errors import MisalignError
+from detectors.transcripts import DEMO_CONVERSATIONS
 from service import vllm_server
 from service.processes import stop_processes
 from service.redis_keys import FLAGGED_STREAM
 from service.sidecar_process import start_sidecar
-
-DEMO_CONVERSATIONS = Path(detectors.__file__).parent / "data" / "demo_conversations.jsonl"
 
 # One feature's cell: score, threshold (None: uncalibrated), flagged.
 Cell = tuple[float, float | None, bool]

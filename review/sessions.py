@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
@@ -85,8 +86,9 @@ class SessionStore:
         try:
             fields = json.loads(record)
             session = Session(str(fields["user"]), str(fields["csrf"]))
-            expires_at = float(fields["expires_at"])
-        except (ValueError, TypeError, KeyError):
+            # Records from before the expiry was kept in them: the key's TTL alone bounds them.
+            expires_at = float(fields.get("expires_at", math.inf))
+        except (ValueError, TypeError, KeyError, AttributeError):
             return None  # not a record this module wrote: no session, rather than a 500
         return session if self.clock() < expires_at else None
 

@@ -208,10 +208,6 @@ return out
 """
 
 
-def _pairs(flat: Sequence[Any]) -> dict[str, str]:
-    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
 class ReviewStore:
     """Review actions over one Redis client (``decode_responses=True``)."""
 

@@ -1,1 +1,1 @@
-"""The sidecar and the command line. Nothing here imports torch."""
+"""The sidecar: ingest, scoring, metrics, the flagged stream. Nothing here imports torch."""

@@ -22,13 +22,14 @@ class FeatureResult(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
+    # In FeatureScore's order, so the stream's JSON reads as it did before this type.
     name: str
     score: float | None
-    threshold: float | None = None
-    z: float | None = None
     prompt_mean: float | None = None
     response_mean: float | None = None
     response_max_rolling: float | None = None
+    threshold: float | None = None
+    z: float | None = None
     flagged: bool = False
 
     @classmethod
@@ -143,11 +144,11 @@ def sample_fields(fields: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
         prompt_text=fields.get("prompt_text"),
         response_text=fields.get("response_text"),
     )
+    problems = []
     try:
         out["mitigated_tokens"] = int(fields.get("mitigated_tokens") or 0)
     except ValueError:
-        out["mitigated_tokens"] = 0
-    problems = []
+        problems.append("field 'mitigated_tokens': not an integer")
     for key in ("features", "tokens", "token_text"):
         if key not in fields:
             continue

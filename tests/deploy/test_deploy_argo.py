@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
+
 TEMPLATE = ROOT / "deploy" / "argo" / "analysis-template.yaml"
 PROMTOOL = "/usr/bin/promtool"
 ARGS = {

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from scripts import gen_deploy
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"
 
 

@@ -24,8 +24,8 @@ from packaging.version import Version
 
 from scripts import lock_images
 from tap.plugin import SUPPORTED_VLLM
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
 IMAGES = ("sidecar", "vllm-tap")
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+!-]*)$")

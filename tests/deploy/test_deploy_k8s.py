@@ -39,8 +39,8 @@ from detectors import bundle as bundle_io
 from service.server import SERVICE_NAME
 from service.settings import Settings, load_settings
 from tap.settings import TapSettings
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 COMPONENT = K8S / "components" / "misalign-sidecar"
 EXAMPLE = "examples/user-vllm"

@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from scripts import gen_deploy
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 TESTS = ROOT / "deploy" / "prometheus" / "tests"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"

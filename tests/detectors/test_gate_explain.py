@@ -7,39 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from detectors import bundle as bundle_io
-from detectors.bundle import Bundle, BundleSpec, FeatureSpec, ModelRef
 from tests.support.cli_runs import error_line, gate
-from tests.support.planted import HIDDEN, NEUTRAL, make_model
-
-LAYER = 2  # the residual after layer 2 carries the bias layer 1 adds
+from tests.support.planted import HIDDEN, feature_bundle, make_model, probes
 
 
 def cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-
-def feature_bundle(path: Path, v: np.ndarray) -> Path:
-    """One linear feature along ``v`` for the planted models (no calibration: no threshold test)."""
-    spec = BundleSpec(
-        model=ModelRef(name="planted", hidden_size=HIDDEN, num_layers=4),
-        layer=LAYER,
-        features=(FeatureSpec(name="planted", method="diff-means", source="test"),),
-    )
-    b = Bundle(
-        spec,
-        v.reshape(1, -1).astype(np.float32),
-        np.zeros(1, np.float32),
-        np.zeros(1, np.float32),
-    )
-    return bundle_io.save(b, path)
-
-
-def probes(path: Path, n: int = 24) -> Path:
-    rng = np.random.default_rng(3)
-    lines = [json.dumps({"prompt": " ".join(rng.choice(NEUTRAL, size=6)) + " ?"}) for _ in range(n)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def explain(tmp_path: Path, shift: np.ndarray, planted_v: np.ndarray) -> tuple[int, dict]:  # type: ignore[type-arg]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from detectors import bundle as bundle_io
+from detectors.transcripts import DEMO_CONVERSATIONS
 from tests.support import DEV_DATA, ROOT, user_cache
 
 pytestmark = pytest.mark.slow
@@ -167,7 +168,7 @@ async def test_sidecar_scores_equal_offline_score_of_real_model_projections(
     from wire import monitor_pb2 as pb
     from wire import monitor_pb2_grpc as pb_grpc
 
-    demo = ROOT / "detectors" / "data" / "demo_conversations.jsonl"
+    demo = DEMO_CONVERSATIONS
     p = cli("score", "--data", demo, "--model", smollm2_dir)
     assert p.returncode == 0, p.stderr
     lines = [json.loads(x) for x in p.stdout.splitlines()]

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from detectors import bundle as bundle_io
+from detectors.transcripts import DEMO_CONVERSATIONS
 from service import vllm_server
 from service.processes import stop_process
 from service.sidecar_process import SidecarProcess, start_sidecar
-from tests.support import ROOT
 from tests.support.metrics import metric
 from tests.support.polling import wait_until
 from tests.support.redis_proc import RedisProc
@@ -30,10 +30,7 @@ BUNDLE = bundle_io.default_bundle_path()
 def test_vllm_serves_through_sidecar_absence_stall_and_kill(
     smollm2_dir: Path, tmp_path: Path
 ) -> None:
-    rows = [
-        json.loads(x)
-        for x in (ROOT / "detectors" / "data" / "demo_conversations.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(x) for x in DEMO_CONVERSATIONS.read_text().splitlines()]
     prompts = [r["messages"][:-1] for r in rows[:4]]
     grpc_port, api_port = vllm_server.free_port(), vllm_server.free_port()
     redis_server = RedisProc(tmp_path / "redis", persist=False).start()

@@ -15,6 +15,7 @@ import pytest
 from detectors import bundle as bundle_io
 from service.processes import stop_process
 from service.sidecar_process import start_sidecar
+from tests.support.metrics import metric, metrics_at, sample
 from tests.support.polling import poll
 from tests.support.redis_proc import RedisProc
 from tests.support.review_data import chat, conversation
@@ -52,15 +53,6 @@ CONVERSATIONS = [
         ["really her fault", "Guilt works well"],
     ),
 ]
-
-
-def metric(url: str, name: str) -> float | None:
-    import urllib.request
-
-    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
 
 
 @pytest.mark.slow
@@ -111,9 +103,9 @@ def run_review(tmp_path: Path, smollm2_dir: Path, redis: RedisProc) -> None:
             with grpc.insecure_channel(sidecar.address) as ch:
                 assert pb_grpc.MonitorStub(ch).Ingest(iter(batches), timeout=30).finished == 3
             assert poll(
-                lambda: metric(sidecar.metrics_url, "misalign_review_backlog") == 3,
+                lambda: metric(sidecar.metrics_port, "misalign_review_backlog") == 3,
                 15,
-                "metric(sidecar.metrics_url, 'misalign_review_backlog') == 3",
+                "metric(sidecar.metrics_port, 'misalign_review_backlog') == 3",
             ), (tmp_path / "sidecar.log").read_text()
             review = subprocess.Popen(
                 [
@@ -200,8 +192,8 @@ def run_review(tmp_path: Path, smollm2_dir: Path, redis: RedisProc) -> None:
         assert r.xpending("misalign:{flagged}", "reviewers")["pending"] == 0
         assert r.xinfo_groups("misalign:{flagged}")[0]["lag"] == 0
         assert poll(
-            lambda: metric(sidecar.metrics_url, "misalign_review_backlog") == 0,
+            lambda: metric(sidecar.metrics_port, "misalign_review_backlog") == 0,
             15,
-            "metric(sidecar.metrics_url, 'misalign_review_backlog') == 0",
+            "metric(sidecar.metrics_port, 'misalign_review_backlog') == 0",
         )
-        assert metric(sidecar.metrics_url, "misalign_review_dead_letter") == 0
+        assert sample(metrics_at(sidecar.metrics_port), "misalign_review_dead_letter") == 0

@@ -5,7 +5,6 @@ over gRPC and over the JSON API, one call each waiting on the server. One vLLM s
 
 from __future__ import annotations
 
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,18 +15,11 @@ from service import vllm_server
 from service.client import HttpMonitorClient, MonitorClient, ScoreNotFound
 from service.processes import stop_process
 from service.sidecar_process import start_sidecar
+from tests.support.metrics import metric
 from tests.support.redis_proc import RedisProc
 
 pytestmark = pytest.mark.slow
 BUNDLE = bundle_io.default_bundle_path()
-
-
-def metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
 
 
 def test_openai_chat_completion_then_its_score_by_x_request_id(
@@ -58,7 +50,7 @@ def test_openai_chat_completion_then_its_score_by_x_request_id(
                     # Asked before the request is sent: parked on the sidecar until it is scored.
                     early = pool.submit(hc.get_score, rid, 30.0)
                     vllm_server.wait_until(
-                        lambda: metric(sidecar.metrics_url, "misalign_score_waiters") == 1,
+                        lambda: metric(sidecar.metrics_port, "misalign_score_waiters") == 1,
                         "the HTTP waiter parked",
                         30,
                         [proc, sidecar.proc],
@@ -88,7 +80,7 @@ def test_openai_chat_completion_then_its_score_by_x_request_id(
         info = mc.describe_bundle()
         assert [f.name for f in score.features] == [f.name for f in info.features]
         assert all(f.score is not None for f in score.features)
-        assert metric(sidecar.metrics_url, "misalign_score_waiters") == 0
+        assert metric(sidecar.metrics_port, "misalign_score_waiters") == 0
         mc.close()
     finally:
         sidecar.stop()

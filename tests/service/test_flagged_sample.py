@@ -84,6 +84,7 @@ def test_a_broken_entry_keeps_what_is_readable_and_names_the_rest() -> None:
     }
     read = parse_sample("1-0", fields)
     assert read.problem is not None and "field 'tokens'" in read.problem
+    assert "field 'mitigated_tokens': not an integer" in read.problem
     assert read.tokens is None and read.top_score is None and read.trace_id == ""
     assert read.mitigated_tokens == 0
     assert read.response_text == "bc" and read.features[0].name == "toxic"

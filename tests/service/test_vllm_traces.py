@@ -15,10 +15,10 @@ import pytest
 
 from bench.steady_load import scrape
 from detectors import bundle as bundle_io
+from detectors.transcripts import DEMO_CONVERSATIONS
 from service import vllm_server
 from service.processes import stop_process
 from service.sidecar_process import start_sidecar
-from tests.support import ROOT
 from tests.support.otlp_receiver import otlp_trace_receiver
 from tests.support.polling import wait_until
 from tests.support.redis_proc import RedisProc
@@ -35,10 +35,7 @@ def test_a_chat_completions_traceparent_reaches_the_score_span_and_the_flagged_s
 ) -> None:
     redis = RedisProc(tmp_path / "redis", persist=False).start()
     request.addfinalizer(redis.stop)
-    convs = [
-        json.loads(x)
-        for x in (ROOT / "detectors" / "data" / "demo_conversations.jsonl").read_text().splitlines()
-    ]
+    convs = [json.loads(x) for x in DEMO_CONVERSATIONS.read_text().splitlines()]
     port = vllm_server.free_port()
     with (
         otlp_trace_receiver() as (receiver, otlp_port),

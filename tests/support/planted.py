@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from detectors import bundle as bundle_io
+from detectors.bundle import Bundle, BundleSpec, FeatureSpec, ModelRef
+
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -180,4 +183,31 @@ def labeled_records(n_per_class: int = 40, seed: int = 0) -> list[dict[str, obje
 
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# For a feature bundle: the residual after layer 2 carries the bias layer 1 adds.
+LAYER = 2
+
+
+def feature_bundle(path: Path, v: np.ndarray) -> Path:
+    """One linear feature along ``v`` for the planted models (no calibration: no threshold test)."""
+    spec = BundleSpec(
+        model=ModelRef(name="planted", hidden_size=HIDDEN, num_layers=4),
+        layer=LAYER,
+        features=(FeatureSpec(name="planted", method="diff-means", source="test"),),
+    )
+    b = Bundle(
+        spec,
+        v.reshape(1, -1).astype(np.float32),
+        np.zeros(1, np.float32),
+        np.zeros(1, np.float32),
+    )
+    return bundle_io.save(b, path)
+
+
+def probes(path: Path, n: int = 24) -> Path:
+    rng = np.random.default_rng(3)
+    lines = [json.dumps({"prompt": " ".join(rng.choice(NEUTRAL, size=6)) + " ?"}) for _ in range(n)]
+    path.write_text("\n".join(lines) + "\n")
     return path

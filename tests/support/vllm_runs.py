@@ -14,6 +14,7 @@ import numpy as np
 from detectors import bundle as bundle_io
 from detectors.activations import ActivationReader
 from detectors.scoring import project, token_scores
+from detectors.transcripts import DEMO_CONVERSATIONS
 from service.vllm_server import vllm_env
 from tests.support import ROOT
 from wire import monitor_pb2 as pb
@@ -23,10 +24,7 @@ BUNDLE = bundle_io.default_bundle_path()
 
 def prompts(tmp_path: Path) -> Path:
     out = tmp_path / "prompts.jsonl"
-    rows = [
-        json.loads(x)
-        for x in (ROOT / "detectors" / "data" / "demo_conversations.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(x) for x in DEMO_CONVERSATIONS.read_text().splitlines()]
     out.write_text("".join(json.dumps({"messages": r["messages"][:-1]}) + "\n" for r in rows))
     return out
 

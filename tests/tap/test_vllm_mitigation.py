@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from detectors import bundle as bundle_io
+from detectors.transcripts import DEMO_CONVERSATIONS
 from service import vllm_server
 from service.processes import stop_process
-from tests.support import ROOT
 from tests.support.vllm_runs import BUNDLE, received_rows, run_vllm
 from wire import monitor_pb2 as pb
 
@@ -28,10 +28,7 @@ ALWAYS = "misaligned_persona=ablate@always"
 
 
 def data(tmp_path: Path, extra: list[dict | None]) -> Path:  # type: ignore[type-arg]
-    rows = [
-        json.loads(x)
-        for x in (ROOT / "detectors" / "data" / "demo_conversations.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(x) for x in DEMO_CONVERSATIONS.read_text().splitlines()]
     out = tmp_path / "data.jsonl"
     out.write_text(
         "".join(
