@@ -5,13 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support import user_cache
+from tests.support import USER_CACHE
 
 # fixtures: `recorder` (a gRPC server in place of the sidecar), `redis_server` (tests.support.sidecar)
 pytest_plugins = ["tests.support.recorder", "tests.support.sidecar"]
-
-
-USER_CACHE = user_cache()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 
 from detectors import bundle as bundle_io
 from detectors.transcripts import DEMO_CONVERSATIONS
-from tests.support import DEV_DATA, ROOT, user_cache
+from tests.support import DEV_DATA, ROOT, USER_CACHE
 
 pytestmark = pytest.mark.slow
 EM = DEV_DATA / "emergent_misalignment" / "dev.jsonl"
@@ -32,7 +32,7 @@ def cli(*args: str | Path, timeout: int = 900) -> subprocess.CompletedProcess[st
 
 
 def test_model_prepare_is_idempotent_and_prints_the_path(smollm2_dir: Path) -> None:
-    p = cli("model", "prepare", "--cache-dir", user_cache(), timeout=60)
+    p = cli("model", "prepare", "--cache-dir", USER_CACHE, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(smollm2_dir)
     assert "preparing" not in p.stderr  # already there: nothing converted again
