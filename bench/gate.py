@@ -429,35 +429,51 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_d, ax_t) = plt.subplots(1, 2, figsize=(12, 4.4))
-    names = sorted({k for r in report["dose"] for k in r["p"]})
-    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    # The four monitors at the largest probe count; the rest stays in the JSON.
+    n_max = max(report["sizes"]["probes"])
+    shown = {
+        f"gate @{n_max}": "gate, every feature",
+        f"gate persona @{n_max}": "gate, misaligned_persona",
+        "text TF-IDF": "TF-IDF text monitor",
+        "text MiniLM": "MiniLM text monitor",
+    }
+    colors = {n: f"C{i}" for i, n in enumerate(shown)}
+
+    def height(p: float) -> float:
+        return float(-np.log10(max(p, 1e-12)))
+
     for mode, ls in (("full", "-"), ("lora", "--")):
-        for n in names:
-            doses = sorted({r["dose"] for r in report["dose"] if r["mode"] == mode})
-            if not doses:
+        rows = [r for r in report["dose"] if r["mode"] == mode]
+        doses = sorted({r["dose"] for r in rows})
+        for n, label in shown.items():
+            if not rows or n not in rows[0]["p"]:
                 continue
-            med = [
-                np.median(
-                    [
-                        -np.log10(max(r["p"][n], 1e-12))
-                        for r in report["dose"]
-                        if r["mode"] == mode and r["dose"] == d
-                    ]
-                )
-                for d in doses
-            ]
-            ax_d.plot(doses, med, ls, marker="o", color=colors[n], label=f"{n} ({mode})")
+            by_dose = [[height(r["p"][n]) for r in rows if r["dose"] == d] for d in doses]
+            ax_d.plot(
+                doses,
+                [np.median(h) for h in by_dose],
+                ls,
+                marker="o",
+                color=colors[n],
+                label=f"{label} ({mode})",
+            )
+            for d, h in zip(doses, by_dose, strict=True):
+                ax_d.scatter([d] * len(h), h, s=8, color=colors[n], alpha=0.35)
             steps = [r for r in report["time"] if r["mode"] == mode]
             if steps:
                 ax_t.plot(
                     [r["step"] for r in steps],
-                    [-np.log10(max(r["p"][n], 1e-12)) for r in steps],
+                    [height(r["p"][n]) for r in steps],
                     ls,
                     marker="o",
                     color=colors[n],
                 )
     for ax, xl, title in (
-        (ax_d, "misaligned share of the fine-tuning answers (%)", "dose (median over seeds)"),
+        (
+            ax_d,
+            "misaligned share of the fine-tuning answers (%)",
+            "dose (line: median; dots: seeds)",
+        ),
         (ax_t, "fine-tuning step (100% misaligned, seed 0)", "time"),
     ):
         ax.axhline(-np.log10(FIRES), color="k", lw=0.8, ls=":")
@@ -467,8 +483,10 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     ax_d.legend(fontsize=7, ncol=2)
     sz = report["sizes"]
     fig.suptitle(
-        f"gate vs text monitors on SmolLM2 fine-tunes ({sz['steps']} steps, {sz['seeds']} seed(s), "
-        f"probes {sz['probes']}, {sz['new_tokens']} tokens); dotted: p = {FIRES}",
+        f"gate vs text monitors on SmolLM2 fine-tunes, {n_max} probe answers of "
+        f"{sz['new_tokens']} tokens ({sz['steps']} steps; {sz['seeds']} seeds a dose, "
+        f"{sz.get('zero_seeds', sz['seeds'])} at dose 0; solid: full fine-tune, dashed: LoRA); "
+        f"dotted: p = {FIRES}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -518,7 +536,18 @@ def main() -> None:
     ap.add_argument("--probe-sizes", type=_ints, default=PROBE_SIZES)
     ap.add_argument("--no-text", dest="text", action="store_false", help="skip text monitors")
     ap.add_argument("--plot", type=Path, default=None, help="with --curves: PNG of both curves")
+    ap.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="with --curves --plot: draw the PNG from this --json output, computing nothing",
+    )
     args = ap.parse_args()
+    if args.curves and args.replot:
+        if args.plot is None:
+            ap.error("--replot draws a PNG: give --plot")
+        plot_curves(json.loads(args.replot.read_text()), args.plot)
+        return
     if args.curves:
         rep = curves(args)
         if args.json:

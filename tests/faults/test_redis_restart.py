@@ -74,11 +74,13 @@ def test_redis_killed_and_restarted_under_load(
     assert len(missing) == dropped > 0, (len(missing), dropped)
     # What was lost is the oldest of the outage's samples, none from before or after it.
     assert flagged_before - 5 <= min(missing) and max(missing) < flagged_before + flagged_outage
-    # The buffer drops a contiguous run; a sample thread starved of CPU (a loaded machine) may
-    # also drop from its own backlog, anywhere, counted apart (stage build).
+    # The buffer drops one stretch of the oldest; a sample thread starved of CPU (a loaded
+    # machine) may also drop from its own backlog, anywhere, counted apart (stage build). The
+    # stretch is in the sidecar's order, which a scoring batch may permute by a few places
+    # against the engine's finish order: holes of up to 3 places do not split it.
     in_buffer = m['misalign_queue_dropped_total{stage="buffer"}']
-    runs = np.split(np.array(missing), np.flatnonzero(np.diff(missing) != 1) + 1)
-    assert max(len(r) for r in runs) >= in_buffer > 0, "the buffer's drops are not contiguous"
+    runs = np.split(np.array(missing), np.flatnonzero(np.diff(missing) > 4) + 1)
+    assert max(len(r) for r in runs) >= in_buffer > 0, "the buffer's drops are not one stretch"
     report(
         "redis SIGKILL + restart",
         load=f"{STEPS_PER_S:g} steps/s x 32 requests, {len(load.finished)} finished, "
