@@ -1,7 +1,5 @@
-"""The ``misalign-monitor`` command: one entry point; each part brings its own commands
-(``service/cli.py`` the sidecar's, ``detectors/cli.py`` and ``detectors/gate_cli.py`` the offline
-tools and the gate, ``review/cli.py`` the auditors').
-"""
+"""The ``misalign-monitor`` command: the one entry point. Its commands live in
+``misalign_monitor/commands/``, one module per part of the product."""
 
 from __future__ import annotations
 
@@ -10,11 +8,11 @@ import sys
 
 import click
 
-from detectors.cli import calibrate, evaluate, extract, model_group, score
 from detectors.errors import MisalignError
-from detectors.gate_cli import gate
-from review.cli import labels, recalibrate, review
-from service.cli import config, serve
+from misalign_monitor.commands.gate import gate
+from misalign_monitor.commands.offline import calibrate, evaluate, extract, model_group, score
+from misalign_monitor.commands.review import labels, recalibrate, review
+from misalign_monitor.commands.sidecar import config, serve
 
 
 @click.group()

@@ -9,8 +9,9 @@ heatmap.py      token texts and shading for the sample view
 web.py          the HTTP app (aiohttp): login, queue, sample view, decisions, dead letters
 export.py       labels for Label Studio and Argilla
 recalibrate.py  per-feature precision from labels and a new bundle with proposed thresholds
-cli.py          ``misalign-monitor review|labels|recalibrate``
 
-Its settings are a section of the sidecar's settings file (service/review_settings.py); the
-backlog gauges the sidecar exports are in service/review_gauges.py.
+Its commands (``misalign-monitor review|labels|recalibrate``) are in
+misalign_monitor/commands/review.py, its settings a section of the sidecar's settings file
+(service/review_settings.py); the backlog gauges the sidecar exports are in
+service/review_gauges.py.
 """

@@ -18,13 +18,10 @@ trimmed to its maxlen); a label whose sample was trimmed exports without text.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-
-import click
 
 from review.store import Label, ReviewStore
 
@@ -51,15 +48,6 @@ async def sample_texts(store: ReviewStore, labels: Sequence[Label]) -> dict[str,
                 fields = entries[0][1]
                 out[sid] = Text(fields.get("prompt_text") or "", fields.get("response_text") or "")
     return out
-
-
-def check_user_id(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise click.BadParameter(
-            "expected the Argilla user's UUID (rg.User.me().id)", param_hint="--argilla-user-id"
-        ) from None
 
 
 def _iso(ts: float | None) -> str | None:

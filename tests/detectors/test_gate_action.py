@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from detectors.gate_cli import gate as gate_command
+from misalign_monitor.commands.gate import gate as gate_command
 from tests.support import ROOT
 from tests.support.gate_scores import draws, write_scores
 

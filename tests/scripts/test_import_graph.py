@@ -19,7 +19,26 @@ def test_arrows_point_down_the_layers() -> None:
     assert forbidden(edges) == []
     assert "wire.codec" in edges and "tap.publisher" in edges  # the graph saw both parts
     assert "wire.codec" in edges["tap.publisher"]
-    assert "service.cli" in edges["misalign_monitor.cli"]  # the one command assembles the parts
+    assert "misalign_monitor.commands.sidecar" in edges["misalign_monitor.cli"]
+
+
+def test_the_parts_hold_no_command_line_code() -> None:
+    """Commands live in misalign_monitor/commands/; the parts are libraries (no click)."""
+    import ast
+
+    from scripts.import_graph import ROOT
+
+    for part in ("detectors", "service", "review", "tap", "wire"):
+        for path in (ROOT / part).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                assert not any(n.split(".")[0] == "click" for n in names), path
 
 
 def test_a_circle_and_a_forbidden_arrow_are_found() -> None:

@@ -14,7 +14,6 @@ import click
 import numpy as np
 from pydantic import ValidationError
 
-from detectors.cli import reader_options
 from detectors.errors import GateError
 from detectors.gate import (
     DEFAULT_PROBES,
@@ -31,6 +30,7 @@ from detectors.gate import (
     scores_from_jsonl,
 )
 from detectors.gate_explain import Explanation, render_explanation
+from misalign_monitor.commands.offline import reader_options
 
 TEST_LABELS = {
     "mean_shift": "mean shift",

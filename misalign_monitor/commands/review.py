@@ -6,6 +6,7 @@ import asyncio
 import getpass
 import re
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -264,7 +265,7 @@ def export(
 
     if argilla_user_id is not None and fmt != "argilla":
         raise click.BadParameter("goes with --format argilla", param_hint="--argilla-user-id")
-    user = formats.check_user_id(argilla_user_id) if argilla_user_id else None
+    user = _argilla_user_id(argilla_user_id) if argilla_user_id else None
 
     async def read(store: ReviewStore) -> tuple[list[Label], dict[str, formats.Text]]:
         rows = await store.labels()
@@ -368,3 +369,12 @@ def recalibrate(
         return
     write_new(new, bundle_path, out)
     click.echo(f"wrote {out} (bundle {new.bundle_id}, was {bundle.bundle_id})")
+
+
+def _argilla_user_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise click.BadParameter(
+            "expected the Argilla user's UUID (rg.User.me().id)", param_hint="--argilla-user-id"
+        ) from None
