@@ -18,7 +18,7 @@ from review.store import ReviewStore
 from service.redis_keys import DEAD_LETTER_STREAM, FLAGGED_STREAM, LABELS_STREAM
 from service.sidecar_process import SidecarProcess, start_sidecar
 from tests.support import ROOT
-from tests.support.harness import Feeder, report
+from tests.support.harness import Feeder, report, settled
 from tests.support.polling import wait_until
 from tests.support.redis_fleet import SERVICE, LocalCluster, LocalSentinel, tcp
 
@@ -147,13 +147,7 @@ def test_sentinel_failover_under_traffic_loses_nothing_uncounted(tmp_path: Path)
                 failures = metrics()["misalign_queue_push_failures_total"]
             finally:
                 feeder.finish()
-            wait_until(
-                lambda: metrics()["misalign_requests_scored_total"] == len(load.finished),
-                30,
-                "every finished request scored",
-            )
-            wait_until(lambda: metrics()["misalign_queue_buffered"] == 0, 30, "the buffer empty")
-            m = metrics()
+            m = settled(metrics, load)
         entries = tcp(new).xrange(FLAGGED_STREAM)
         ids = [fields["request_id"] for _, fields in entries]
         assert len(ids) == len(set(ids)), "a sample reached the stream twice"

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 
 import grpc
 
 from bench.steady_load import EngineLoad
+from tests.support.polling import wait_until
 from wire import monitor_pb2_grpc as pb_grpc
 
 
@@ -50,3 +52,15 @@ def report(fault: str, **figures: object) -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(line + "\n")
+
+
+def settled(metrics: Callable[[], dict[str, float]], load: EngineLoad) -> dict[str, float]:
+    """Once the feeder has finished: wait until the sidecar scored every finished request and its
+    flag buffer is empty, and return its metrics then."""
+    wait_until(
+        lambda: metrics()["misalign_requests_scored_total"] == len(load.finished),
+        30,
+        "every finished request scored",
+    )
+    wait_until(lambda: metrics()["misalign_queue_buffered"] == 0, 30, "the buffer empty")
+    return metrics()
