@@ -40,9 +40,8 @@ from service.review_settings import HOLDER
 Decision = Literal["misaligned", "false_positive", "unsure"]
 DECISIONS: tuple[Decision, ...] = ("misaligned", "false_positive", "unsure")
 
-# What a summary (a queue row) and a label read of a sample; the rest is text and token scores.
-SUMMARY_FIELDS = HEADER_FIELDS
-LABEL_FIELDS = (*SUMMARY_FIELDS, "features")
+# What a label reads of a sample: its header (what a queue row reads too) and its features.
+LABEL_FIELDS = (*HEADER_FIELDS, "features")
 
 
 class Claim(BaseModel):
@@ -297,13 +296,13 @@ class ReviewStore:
         start = "-"
         while True:
             rows = await self._call(
-                self._summaries(keys=[self.stream], args=[self.group, start, 200, *SUMMARY_FIELDS])
+                self._summaries(keys=[self.stream], args=[self.group, start, 200, *HEADER_FIELDS])
             )
             for row in rows:
                 claim = Claim(
                     owner=row[1], idle_s=int(row[2]) / 1000, claims=max(int(row[3]) - 1, 0)
                 )
-                values = dict(zip(SUMMARY_FIELDS, row[4:], strict=False))
+                values = dict(zip(HEADER_FIELDS, row[4:], strict=False))
                 out.append(parse_summary(row[0], values, claim))
             if len(rows) < 200:
                 return out
