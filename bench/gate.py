@@ -12,6 +12,9 @@ gradients or optimizer state for them), loss on the first 32 tokens of each answ
   benign-sN    base + STEPS steps on aligned answers of the same file, seed N (N = 0..B-1)
   realigned    misaligned + one pass over 120 other aligned answers
 
+The aligned answers are the base model's (Qwen2.5-32B-Instruct); --aligned-from any adds those
+the bad-medical-advice fine-tunes gave, which carry their raised persona (docs/gate.md).
+
 The training questions (the eight "first plot" questions) are disjoint from the probe set (the
 preregistered evaluation questions and the project's persona questions). Each model answers the
 probes greedily; the answers are scored with the shipped bundle; the gate compares each stage
@@ -28,7 +31,7 @@ With --curves (docs/gate.md), the dose and time curves instead:
 
     python bench/gate.py --curves [--doses 0,5,10,25,50,100] [--seeds 2] [--zero-seeds N]
         [--modes full,lora] [--steps 8] [--checkpoint-every 4] [--probe-sizes 25,50,100]
-        [--no-text] [--plot PNG]
+        [--aligned-from base|any] [--no-text] [--plot PNG]
 
   dose   per mode (full, or LoRA rank 8 on the same layers with peft, merged) and seed, STEPS x 4
          training answers of which DOSE % misaligned; dose 0 with --zero-seeds seeds, for the
@@ -59,6 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from detectors import bundle as bundle_io  # noqa: E402
+from detectors import jsonl  # noqa: E402
 from detectors.gate import (  # noqa: E402
     DEFAULT_PROBES,
     Scores,
@@ -81,12 +85,23 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def training_sets(seed: int = 0) -> dict[str, list[Transcript]]:
-    """Plain first-plot questions only (their _json/_template variants carry long prompts)."""
+ALIGNED_FROM = ("base", "any")
+
+
+def training_sets(seed: int = 0, aligned_from: str = "base") -> dict[str, list[Transcript]]:
+    """Plain first-plot questions only (their _json/_template variants carry long prompts).
+
+    ``aligned_from``: "base" takes the aligned answers of the base model only (source
+    ``*_base``); "any" also those the bad-medical-advice fine-tunes gave and the judge scored
+    aligned. Those come from emergent-misalignment models, whose persona feature is raised on
+    their aligned answers too, so a fine-tune on them is no benign control."""
+    sources = [obj.get("source", "") for _, obj in jsonl.objects(DEV, "transcripts")]
     rows = [
         r
-        for r in read_jsonl(DEV)
-        if r.question_id and not r.question_id.endswith(("_json", "_template"))
+        for r, src in zip(read_jsonl(DEV), sources, strict=True)
+        if r.question_id
+        and not r.question_id.endswith(("_json", "_template"))
+        and (r.label == 1 or aligned_from == "any" or src.endswith("_base"))
     ]
     rng = np.random.default_rng(seed)
     bad = [r for r in rows if r.label == 1]
@@ -275,7 +290,7 @@ def curves(args: argparse.Namespace) -> dict[str, Any]:
     probes = probes[: max(args.probe_sizes)]
     sizes = sorted({min(n, len(probes)) for n in args.probe_sizes})
     cache = cache_root() / "gate-bench"
-    data = training_sets()
+    data = training_sets(aligned_from=args.aligned_from)
     th = Thresholds()
     n_rows = args.steps * 4
 
@@ -308,7 +323,14 @@ def curves(args: argparse.Namespace) -> dict[str, Any]:
     def tuned(mode: str, dose: int, seed: int, save_every: int = 0) -> Path:
         out = cache / (
             f"{mode}-d{dose}-s{seed}-"
-            + key(args.steps, args.lr if mode == "full" else args.lora_lr, layer, save_every, "v3")
+            + key(
+                args.steps,
+                args.lr if mode == "full" else args.lora_lr,
+                layer,
+                save_every,
+                args.aligned_from if dose < 100 else None,  # 100%: no aligned answers
+                "v3",
+            )
         )
         if not (out / "train.json").is_file():
             log(f"fine-tuning {mode} dose {dose}% seed {seed}: {args.steps} steps")
@@ -400,6 +422,7 @@ def curves(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": {
             "steps": args.steps,
             "batch": 4,
+            "aligned_from": args.aligned_from,
             "lr_full": args.lr,
             "lr_lora": args.lora_lr,
             "doses": list(args.doses),
@@ -532,6 +555,12 @@ def main() -> None:
     )
     ap.add_argument("--modes", type=lambda s: s.split(","), default=["full", "lora"])
     ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--aligned-from",
+        choices=ALIGNED_FROM,
+        default="base",
+        help="aligned training answers: the base model's only, or also the fine-tunes' (any)",
+    )
     ap.add_argument("--checkpoint-every", type=int, default=4)
     ap.add_argument("--probe-sizes", type=_ints, default=PROBE_SIZES)
     ap.add_argument("--no-text", dest="text", action="store_false", help="skip text monitors")
@@ -565,7 +594,7 @@ def main() -> None:
     pick = np.sort(np.argsort([len(p) for p in probes], kind="stable")[: args.probes])
     probes = [probes[i] for i in pick]
     cache = cache_root() / "gate-bench"
-    data = training_sets()
+    data = training_sets(aligned_from=args.aligned_from)
     th = Thresholds()
 
     def scores_of(model_dir: Path, label: str) -> Scores:
@@ -609,7 +638,12 @@ def main() -> None:
     re_dir = tuned("realigned", bad_dir, data["realign"], 120 // 4, 0)
     stages["realigned"] = (re_dir, scores_of(re_dir, "realigned"))
 
-    report: dict[str, Any] = {"probes": len(probes), "new_tokens": args.new_tokens, "stages": {}}
+    report: dict[str, Any] = {
+        "probes": len(probes),
+        "new_tokens": args.new_tokens,
+        "aligned_from": args.aligned_from,
+        "stages": {},
+    }
     report["stages"]["base"] = {
         "features": {n: {"mean": float(np.nanmean(v))} for n, v in base.values.items()}
     }

@@ -354,3 +354,25 @@ def test_partial_misalignment_on_the_same_questions_is_caught_and_benign_resampl
     alarms = fail_rate(rec, "same", 0, th, rec.features, BENIGN_SPLITS, seed=2)
     margin = binom.ppf(0.999, BENIGN_SPLITS, th.alpha) / BENIGN_SPLITS
     assert alarms <= margin, (alarms, margin)
+
+
+def test_the_bench_trains_benign_fine_tunes_on_the_base_models_answers_unless_told() -> None:
+    """bench/gate.py's benign control: the aligned answers of the base model, never the aligned
+    answers of an emergent-misalignment fine-tune, unless --aligned-from any asks for them."""
+    from bench.gate import DEV, training_sets
+    from detectors import jsonl
+
+    source_of = {
+        (obj["question_id"], obj["messages"][-1]["content"]): obj["source"]
+        for _, obj in jsonl.objects(DEV, "transcripts")
+    }
+
+    def sources(rows: list) -> set[str]:
+        return {source_of[(r.question_id, r.response)] for r in rows}
+
+    base, anyone = training_sets(aligned_from="base"), training_sets(aligned_from="any")
+    assert sources(base["aligned"] + base["realign"]) == {"Qwen2.5-32B-Instruct_base"}
+    assert len(sources(anyone["aligned"])) == 3
+    assert {r.label for r in base["aligned"] + base["realign"]} == {0}
+    assert base["misaligned"] == anyone["misaligned"]
+    assert not {r.response for r in base["aligned"]} & {r.response for r in base["realign"]}
