@@ -1,7 +1,10 @@
 """The distribution statistics the release gate (detectors/gate.py) and the sidecar's live
-drift gauges (service/drift.py) share: population stability index and Kolmogorov-Smirnov."""
+drift gauges (service/drift.py) share: population stability index and Kolmogorov-Smirnov; and
+the Wilson interval of a rate (review precision, the gate bench's false alarms)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -38,3 +41,12 @@ def ks_statistic(cdf_at_sorted: np.ndarray) -> float:
     above = np.arange(1, n + 1) / n - f
     below = f - np.arange(n) / n
     return float(max(above.max(), below.max()))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n."""
+    p = k / n
+    d = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, mid - half), min(1.0, mid + half)

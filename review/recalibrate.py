@@ -18,16 +18,8 @@ from pathlib import Path
 from detectors import bundle as bundle_io
 from detectors.bundle import Bundle
 from detectors.errors import RecalibrationError
+from detectors.stats import wilson
 from review.store import Label
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k / n."""
-    p = k / n
-    d = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 @dataclass(frozen=True)

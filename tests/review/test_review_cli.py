@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from detectors import bundle as bundle_io
-from review.recalibrate import wilson
+from detectors.stats import wilson
 from review.store import Label
 from service.flagged_sample import FeatureResult
 from tests.support.redis_proc import RedisProc
